@@ -1,0 +1,87 @@
+"""Counter-based random numbers for stochastic rounding: Philox4x32-10 in plain torch.
+
+Why Philox: stochastic rounding must be reproducible (same seed, same bits) on every device, and the
+Triton kernels draw their randomness with ``tl.randint4x`` (Philox4x32-10). Implementing the very same
+generator here lets the torch reference and the kernels agree bit for bit, so a stochastic-rounding
+kernel can be tested exactly, not only statistically.
+
+Conventions (identical to ``triton.language.random``):
+  * key = (seed & 0xFFFFFFFF, seed >> 32) for a 64-bit integer seed;
+  * counter = (c0, c1, 0, 0) with c0/c1 the low/high 32 bits of the block index;
+  * one Philox call yields four 32-bit words; element ``i`` of a tensor uses word ``i % 4`` of the
+    call with block index ``i // 4`` (one call per four elements keeps the CPU cost down);
+  * a word becomes a uniform float in [0, 1) exactly as ``tl.rand`` does: reinterpret as int32, map
+    negative values ``x -> ~x``, convert to fp32 and multiply by the fp32 constant 4.6566127342e-10.
+
+The arithmetic uses int64 tensors: 32x32-bit products fit in 64 bits modulo 2**64 (torch wraps), and
+the high word is recovered with a shift and a mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_ROUNDS = 10
+# Largest fp32 below 2**-31 such that (2**31 - 1) * scale < 1.0 after rounding; Triton's constant.
+_UNIFORM_SCALE = 4.6566127342e-10
+MAX_SEED = 2**63 - 1
+
+
+def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """Philox4x32-10 of counters (counter_lo, counter_hi, 0, 0) under a 64-bit key; four int64 words."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1]; got {seed}")
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0 = counter_lo.to(torch.int64) & _MASK32
+    c1 = counter_hi.to(torch.int64) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_ROUNDS):
+        prod_b = c2 * _ROUND_B  # < 2**64: exact modulo 2**64 in int64
+        prod_a = c0 * _ROUND_A
+        c0, c1, c2, c3 = (
+            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
+    """Map uint32 words (held in int64) to fp32 uniforms in [0, 1), as ``tl.rand`` does."""
+    # As int32, a word w >= 2**31 is negative and tl.rand maps it to ~w; on the unsigned value that is
+    # w ^ 0xFFFFFFFF. Either way the result lies in [0, 2**31 - 1].
+    nonneg = words ^ ((words >> 31) * _MASK32)
+    return nonneg.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=words.device)
+
+
+# Counters per Philox call on CPU: small enough that the ~40 int64 temporaries of the ten rounds stay in
+# cache instead of being freshly allocated (and page-faulted) for the whole tensor.
+_CPU_CHUNK = 8192
+
+
+def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``numel`` fp32 uniforms in [0, 1): element i uses Philox word i % 4 of block index i // 4."""
+    device = torch.device(device)
+    blocks = (numel + 3) // 4
+    out = torch.empty(blocks * 4, dtype=torch.float32, device=device)
+    chunk = _CPU_CHUNK if device.type == "cpu" else max(blocks, 1)
+    for start in range(0, blocks, chunk):
+        index = torch.arange(start, min(start + chunk, blocks), dtype=torch.int64, device=device)
+        words = philox4x32(index & _MASK32, index >> 32, seed)
+        # [n, 4] row-major puts word w of block b at flat position 4*b + w.
+        out[4 * start : 4 * (start + index.numel())] = words_to_uniform(torch.stack(words, dim=1).reshape(-1))
+    return out[:numel]
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh 63-bit seed from torch's (seedable, checkpointable) CPU generator."""
+    return int(torch.randint(0, MAX_SEED, (), dtype=torch.int64, generator=generator).item())

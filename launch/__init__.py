@@ -1,0 +1,1 @@
+"""Entry points: setup, the demo, the trainer, export and plotting."""
