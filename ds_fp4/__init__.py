@@ -5,18 +5,21 @@ NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, and initialize (a drop-in for deepsp
 """
 
 from .convert import ConversionReport, convert_to_nvfp4, set_nvfp4_active
+from .engine import NVFP4Config, initialize
 from .linear import NVFP4Linear
 from .nvfp4 import NVFP4Tensor, dequantize, matmul, quantize
 from .recipe import NVFP4Recipe, TensorPolicy
 
 __all__ = [
     "ConversionReport",
+    "NVFP4Config",
     "NVFP4Linear",
     "NVFP4Recipe",
     "NVFP4Tensor",
     "TensorPolicy",
     "convert_to_nvfp4",
     "dequantize",
+    "initialize",
     "matmul",
     "quantize",
     "set_nvfp4_active",

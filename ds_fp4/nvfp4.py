@@ -41,6 +41,7 @@ BLOCK = 16
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 TILES = ((1, 16), (16, 16))
 ROUNDINGS = ("nearest", "stochastic")
+SCALE_ROUNDINGS = ("nearest", "up")
 BACKENDS = ("auto", "torch", "triton")
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -228,17 +229,38 @@ def _block_amax(a: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     return tiles.repeat_interleave(BLOCK, dim=0)
 
 
+def _check_roundings(rounding: str, scale_rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}")
+    if scale_rounding not in SCALE_ROUNDINGS:
+        raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}; got {scale_rounding!r}")
+
+
+def e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
+    """The smallest E4M3 value >= s, for 0 <= s <= 448 (RNE, then one code up where RNE went down)."""
+    rne = s.to(torch.float8_e4m3fn)
+    below = (rne.to(torch.float32) < s).to(torch.uint8)
+    return (rne.view(torch.uint8) + below).view(torch.float8_e4m3fn)  # codes are monotonic for s >= 0
+
+
 def quantize_reference(
     x: torch.Tensor,
     tile: Sequence[int] | str = (1, 16),
     rounding: str = "nearest",
     hadamard: bool | Sequence[int] = False,
     seed: int | None = None,
+    scale_rounding: str = "nearest",
 ) -> NVFP4Tensor:
-    """Quantize with plain torch ops (CPU or CUDA); the spec in executable form."""
+    """Quantize with plain torch ops (CPU or CUDA); the spec in executable form.
+
+    ``scale_rounding="up"`` departs from the spec on purpose (it is not what the GEMM recipe or
+    Transformer Engine computes): block scales round up instead of to nearest, so no element exceeds
+    6 after scaling and none is clamped. Clamping shrinks a block's maximum by up to 6.25%, a small
+    bias towards zero that stochastic rounding cannot remove; the communication path uses "up" so
+    that its reduced gradients are unbiased.
+    """
     tile = normalize_tile(tile)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}")
+    _check_roundings(rounding, scale_rounding)
     x2 = _as_2d(x, tile)
     signs = None
     if hadamard is not False and hadamard is not None:
@@ -254,7 +276,7 @@ def quantize_reference(
     mult = g_enc * (_f32(1.0, dev) / _f32(6.0, dev))
     b = _block_amax(a, tile)
     s = torch.clamp(torch.minimum(b * mult, _f32(FLT_MAX, dev)), -E4M3_MAX, E4M3_MAX)
-    scale = s.to(torch.float8_e4m3fn)
+    scale = s.to(torch.float8_e4m3fn) if scale_rounding == "nearest" else e4m3_round_up(s)
     enc = torch.minimum(1.0 / (scale.to(torch.float32) * g_dec), _f32(FLT_MAX, dev))
     m, k = xf.shape
     v = torch.clamp(xf.view(m, k // BLOCK, BLOCK) * enc.unsqueeze(-1), -FP4_MAX, FP4_MAX).view(m, k)
@@ -302,27 +324,33 @@ def quantize(
     hadamard: bool | Sequence[int] = False,
     seed: int | None = None,
     backend: str = "auto",
+    scale_rounding: str = "nearest",
 ) -> NVFP4Tensor:
     """Quantize x (fp32/bf16/fp16, any shape whose last dim divides by 16) to NVFP4.
 
     tile: (1, 16) blocks along the last dim, or (16, 16) tiles (both flattened dims must divide by 16).
     rounding: "nearest" (bit-exact spec) or "stochastic" (unbiased; ``seed`` fixes the bits, None draws
         one from torch's CPU generator). hadamard: False, True (default signs) or a 16-sign vector.
+    scale_rounding: "nearest" (the spec) or "up" (no clamping; see :func:`quantize_reference`).
     """
     if resolve_backend(backend, x.device) == "torch":
-        return quantize_reference(x, tile=tile, rounding=rounding, hadamard=hadamard, seed=seed)
+        return quantize_reference(x, tile=tile, rounding=rounding, hadamard=hadamard, seed=seed,
+                                  scale_rounding=scale_rounding)
     from . import kernels
 
     tile = normalize_tile(tile)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}")
+    _check_roundings(rounding, scale_rounding)
     x2 = _as_2d(x, tile)
     signs = None
     if hadamard is not False and hadamard is not None:
         signs = _hadamard.validate_signs(None if hadamard is True else hadamard)
     if rounding == "stochastic" and seed is None:
         seed = _rng.draw_seed()
-    data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed)
+    if scale_rounding != "nearest":
+        data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed,
+                                             scale_rounding=scale_rounding)
+    else:
+        data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed)
     return NVFP4Tensor(data=data, scale=scale, amax=amax, shape=x.shape, tile=tile, hadamard_signs=signs)
 
 

@@ -23,7 +23,8 @@ def e4m3_rne(v: np.ndarray) -> np.ndarray:
 
 
 def e2m1_nearest(v: np.ndarray) -> np.ndarray:
-    """The spec's table: |v| <= .25 -> 0, < .75 -> .5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4."""
+    """The spec's table: |v| <= .25 -> 0, < .75 -> .5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2,
+    < 3.5 -> 3, <= 5 -> 4, else 6."""
     a = np.abs(v)
     mag = np.select(
         [a <= 0.25, a < 0.75, a <= 1.25, a < 1.75, a <= 2.5, a < 3.5, a <= 5.0],

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ds_fp4 import hadamard, nvfp4
+from ds_fp4 import hadamard
 
 
 def test_sylvester_matrix_entries_and_orthogonality():

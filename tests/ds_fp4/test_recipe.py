@@ -56,7 +56,10 @@ def test_validation_names_field_and_allowed_values(kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(tile="4x4"), "tile must be one of"), (dict(rounding="floor"), r"rounding must be one of \('nearest', 'stochastic'\)")],
+    [
+        (dict(tile="4x4"), "tile must be one of"),
+        (dict(rounding="floor"), r"rounding must be one of \('nearest', 'stochastic'\)"),
+    ],
 )
 def test_policy_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,293 @@
+"""Every DeepSpeed internal that ds_fp4 replaces, patched here and nowhere else (DESIGN §5).
+
+DeepSpeed has no communication-hook API, so NVFP4 communication replaces the functions through which
+each ZeRO stage moves gradients and ZeRO-3 weights:
+
+  stage 0     DeepSpeedEngine.allreduce_bucket                      all-reduce of a gradient bucket
+  stage 1/2   DeepSpeedZeroOptimizer.allreduce_bucket               reduce-to-owner (reduce_scatter=true)
+                                                                    or all-reduce of a bucket
+              DeepSpeedZeroOptimizer.gradient_reduction_w_predivide all-reduce (reduce_scatter=false)
+  stage 3     stage3.reduce_scatter_coalesced                       gradient reduce-scatter
+              partition_parameters._dist_allgather_fn               weight all-gather (weight_comm), used
+              PartitionedParameterCoordinator.__all_gather_params_  only for NVFP4Linear weights
+
+Each replacement keeps the original's scaling rules (gradient_average, predivide factors, dtype round
+trips) and swaps only the collective. It is inert unless the engine or optimizer it runs for carries an
+NVFP4 CommState (``_ds_fp4_comm``), so installing the patches changes nothing for other engines.
+:func:`install` is idempotent, logs once, and checks every seam first: if DeepSpeed moved one, it fails
+with the supported range instead of training silently uncompressed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from importlib import import_module
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+
+SUPPORTED_DEEPSPEED = ">=0.19,<0.20"
+log = logging.getLogger("ds_fp4")
+
+# (module, attribute path) of every seam.
+SEAMS = (
+    ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_bucket"),
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.allreduce_bucket"),
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.gradient_reduction_w_predivide"),
+    ("deepspeed.runtime.zero.stage3", "reduce_scatter_coalesced"),
+    ("deepspeed.runtime.zero.partition_parameters", "_dist_allgather_fn"),
+    ("deepspeed.runtime.zero.partitioned_param_coordinator",
+     "PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params_"),
+)
+
+_originals: dict[str, object] = {}
+_lock = threading.Lock()
+# Stage 3's module-level collectives have no `self`; the engine being built registers its state here.
+_stage3_grad_comm: comm.CommState | None = None
+_weight_gather = threading.local()
+
+
+class SeamError(RuntimeError):
+    """A DeepSpeed internal that ds_fp4 patches is missing or changed."""
+
+
+def _resolve(module_name: str, path: str):
+    owner = import_module(module_name)
+    *parents, leaf = path.split(".")
+    for name in parents:
+        owner = getattr(owner, name)
+    return owner, leaf
+
+
+def check_seams() -> list[str]:
+    """Names of the seams that do not exist in the installed DeepSpeed (empty when all is well)."""
+    missing = []
+    for module_name, path in SEAMS:
+        try:
+            owner, leaf = _resolve(module_name, path)
+            if not callable(getattr(owner, leaf)):
+                missing.append(f"{module_name}.{path}")
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}.{path}")
+    return missing
+
+
+def _require_seams() -> None:
+    missing = check_seams()
+    if missing:
+        import deepspeed
+
+        raise SeamError(
+            f"ds_fp4's NVFP4 communication patches DeepSpeed internals that DeepSpeed {deepspeed.__version__} "
+            f"does not have: {missing}. Supported DeepSpeed: {SUPPORTED_DEEPSPEED} "
+            f"(pip install 'deepspeed{SUPPORTED_DEEPSPEED}'), or set \"grad_comm\": \"none\" and "
+            "\"weight_comm\": \"none\" in the nvfp4 section."
+        )
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# Replacements -----------------------------------------------------------------------------------------
+def _engine_allreduce_bucket(self, bucket, dp_group, dp_world_size=None):
+    state = getattr(self, "_ds_fp4_comm", None)
+    if state is None:
+        return _originals["DeepSpeedEngine.allreduce_bucket"](self, bucket, dp_group, dp_world_size)
+    tensor = self.flatten(bucket)
+    work = tensor if self.communication_data_type == tensor.dtype else tensor.to(self.communication_data_type)
+    world = dp_world_size if dp_world_size is not None else dist.get_world_size(group=dp_group)
+    size = _itemsize(work.dtype)
+    if not self.gradient_average:
+        comm.all_reduce_(work, dp_group, state, size)
+    elif self.postscale_gradients():
+        if self.gradient_predivide_factor() != 1.0:
+            work.mul_(1.0 / self.gradient_predivide_factor())
+        comm.all_reduce_(work, dp_group, state, size)
+        if self.gradient_predivide_factor() != world:
+            work.mul_(self.gradient_predivide_factor() / world)
+    else:
+        work.mul_(1.0 / world)
+        comm.all_reduce_(work, dp_group, state, size)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def _zero_allreduce_bucket(self, bucket, communication_data_type, rank=None, log=None, divide=True,
+                           process_group=None):
+    state = getattr(self, "_ds_fp4_comm", None)
+    if state is None:
+        return _originals["DeepSpeedZeroOptimizer.allreduce_bucket"](
+            self, bucket, communication_data_type, rank=rank, log=log, divide=divide, process_group=process_group)
+    tensor = self.flatten(bucket)
+    group = self.dp_process_group if process_group is None else process_group
+    if getattr(self, "sequence_parallel_size", 1) > 1:
+        communication_data_type = torch.float32
+    work = tensor if communication_data_type == tensor.dtype else tensor.to(communication_data_type)
+    if divide and self.gradient_average:
+        work.div_(dist.get_world_size(group=group) / float(getattr(self, "sequence_parallel_size", 1)))
+    if rank is None:
+        comm.all_reduce_(work, group, state, _itemsize(work.dtype))
+    else:
+        comm.reduce_(work, rank, group, state, _itemsize(work.dtype))
+    if work is not tensor and (rank is None or rank == dist.get_rank(group=group)):
+        tensor.copy_(work)
+    return work
+
+
+def _zero_reduction_w_predivide(self, tensor, communication_data_type):
+    state = getattr(self, "_ds_fp4_comm", None)
+    if state is None or tensor.numel() == 0:
+        return _originals["DeepSpeedZeroOptimizer.gradient_reduction_w_predivide"](
+            self, tensor, communication_data_type)
+    world = dist.get_world_size(group=self.dp_process_group)
+    sp = float(getattr(self, "sequence_parallel_size", 1))
+    work = tensor if communication_data_type == tensor.dtype else tensor.to(communication_data_type)
+    size = _itemsize(work.dtype)
+    if not self.gradient_average:
+        comm.all_reduce_(work, self.dp_process_group, state, size)
+    elif self.postscale_gradients:
+        if self.gradient_predivide_factor != 1.0:
+            work.mul_(1.0 / self.gradient_predivide_factor)
+        comm.all_reduce_(work, self.dp_process_group, state, size)
+        if self.gradient_predivide_factor != world:
+            work.mul_(self.gradient_predivide_factor / (world / sp))
+    else:
+        work.div_(world / sp)
+        comm.all_reduce_(work, self.dp_process_group, state, size)
+    if work is not tensor:
+        tensor.copy_(work)
+    return work
+
+
+@torch.no_grad()
+def _reduce_scatter_coalesced(tensors, group=None):
+    state = _stage3_grad_comm
+    if state is None:
+        return _originals["reduce_scatter_coalesced"](tensors, group)
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    chunk = [-(-t.numel() // world) for t in tensors]
+    # Destination-major layout: rank r's shard holds chunk r of every tensor, each padded to full size.
+    rows = torch.zeros(world, sum(chunk), dtype=torch.float32, device=tensors[0].device)
+    offset = 0
+    for t, c in zip(tensors, chunk, strict=True):
+        flat = t.reshape(-1)
+        for r in range(world):
+            piece = flat[r * c : (r + 1) * c]
+            rows[r, offset : offset + piece.numel()] = piece
+        offset += c
+    mine = comm.reduce_scatter(rows.view(-1), group, state, _itemsize(tensors[0].dtype))
+    mine = (mine / world).to(tensors[0].dtype)  # the original pre-divides by the world size
+    out, offset = [], 0
+    for t, c in zip(tensors, chunk, strict=True):
+        own = max(0, min(c, t.numel() - me * c))
+        out.append(mine.narrow(0, offset, own))
+        offset += c
+    return out
+
+
+class _DoneHandle:
+    """The async-work handle DeepSpeed expects from an all-gather that already completed."""
+
+    def wait(self, *args, **kwargs) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _dist_allgather_fn(input_tensor, output_tensor, group=None):
+    state = getattr(_weight_gather, "state", None)
+    if state is None:
+        return _originals["_dist_allgather_fn"](input_tensor, output_tensor, group=group)
+    world = dist.get_world_size(group)
+    n = input_tensor.numel()
+    gathered = comm.all_gather(input_tensor, group, state, state.weight_stats, "nearest",
+                               _itemsize(input_tensor.dtype))
+    output_tensor.view(world, n).copy_(gathered)
+    return _DoneHandle()
+
+
+def _coordinator_all_gather_params_(self, params, forward, quantize=False):
+    original = _originals["PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params_"]
+    fp4 = [p for p in params if getattr(p, "_ds_fp4_weight_comm", None) is not None]
+    if not fp4:
+        return original(self, params, forward, quantize=quantize)
+    rest = [p for p in params if getattr(p, "_ds_fp4_weight_comm", None) is None]
+    if rest:
+        original(self, rest, forward, quantize=quantize)
+    _weight_gather.state = fp4[0]._ds_fp4_weight_comm
+    try:
+        original(self, fp4, forward, quantize=False)
+    finally:
+        _weight_gather.state = None
+
+
+_REPLACEMENTS = {
+    "DeepSpeedEngine.allreduce_bucket": _engine_allreduce_bucket,
+    "DeepSpeedZeroOptimizer.allreduce_bucket": _zero_allreduce_bucket,
+    "DeepSpeedZeroOptimizer.gradient_reduction_w_predivide": _zero_reduction_w_predivide,
+    "reduce_scatter_coalesced": _reduce_scatter_coalesced,
+    "_dist_allgather_fn": _dist_allgather_fn,
+    "PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params_":
+        _coordinator_all_gather_params_,
+}
+
+
+def install() -> bool:
+    """Patch every seam once (idempotent). Returns True if this call installed them."""
+    with _lock:
+        if _originals:
+            return False
+        _require_seams()
+        for module_name, path in SEAMS:
+            owner, leaf = _resolve(module_name, path)
+            _originals[path] = getattr(owner, leaf)
+            replacement = _REPLACEMENTS[path]
+            functools.update_wrapper(replacement, _originals[path], updated=())
+            setattr(owner, leaf, replacement)
+        log.info("ds_fp4: installed NVFP4 communication seams in %d DeepSpeed functions", len(SEAMS))
+        return True
+
+
+def installed() -> bool:
+    return bool(_originals)
+
+
+def uninstall() -> None:
+    """Restore DeepSpeed's originals (tests use this to compare against plain DeepSpeed)."""
+    global _stage3_grad_comm
+    with _lock:
+        for module_name, path in SEAMS:
+            if path in _originals:
+                owner, leaf = _resolve(module_name, path)
+                setattr(owner, leaf, _originals.pop(path))
+        _stage3_grad_comm = None
+
+
+def activate_grad_comm(engine, state: comm.CommState | None) -> None:
+    """Route this engine's gradient reduction through NVFP4 collectives (``state``), or not (None)."""
+    global _stage3_grad_comm
+    install()
+    engine._ds_fp4_comm = state
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None:
+        optimizer._ds_fp4_comm = state
+    if engine.zero_optimization_stage() == 3:
+        _stage3_grad_comm = state  # module-level collective: the newest stage-3 engine decides
+
+
+def activate_weight_comm(params, state: comm.CommState) -> int:
+    """Gather these ZeRO-3 parameters (NVFP4Linear weights) as NVFP4. Returns how many."""
+    install()
+    n = 0
+    for p in params:
+        if hasattr(p, "ds_id"):
+            p._ds_fp4_weight_comm = state
+            n += 1
+    return n

@@ -1,0 +1,242 @@
+"""Scenarios run by real DeepSpeed engines on 2 gloo ranks, launched by torchrun from test_engine.py.
+
+Usage: torchrun --standalone --nproc_per_node 2 engine_worker.py SCENARIO OUT_DIR
+Each rank writes OUT_DIR/<scenario>.rank<r>.json; the tests read and judge them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)
+    )
+
+
+def ds_config(stage: int, nvfp4: dict | None, optimizer=("Adam", 1e-2), **zero) -> dict:
+    cfg = {
+        "train_batch_size": 16,
+        "train_micro_batch_size_per_gpu": 8,
+        "optimizer": {"type": optimizer[0], "params": {"lr": optimizer[1]}},
+        "zero_optimization": {"stage": stage, **zero},
+    }
+    if nvfp4 is not None:
+        cfg["nvfp4"] = nvfp4
+    return cfg
+
+
+def task(rank: int, step: int):
+    data = torch.randn(512, 64, generator=torch.Generator().manual_seed(5))
+    idx = torch.randint(0, 512, (8,), generator=torch.Generator().manual_seed(1000 * step + rank))
+    x = data[idx]
+    return x, torch.tanh(x[:, :16] * 2)
+
+
+def full_params(engine) -> list[torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone().float() for p in params]
+    return [p.detach().clone().float() for p in params]
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(engine, steps: int) -> list[float]:
+    losses = []
+    for step in range(steps):
+        x, y = task(dist.get_rank(), step)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def scenario_train() -> dict:
+    """Stages 0-3 x grad_comm none/nvfp4, plus the other stage-1/2 reduction paths, plus ZeRO-3 weight_comm."""
+    import ds_fp4
+
+    runs = {}
+    variants = [(s, gc, {}) for s in (0, 1, 2, 3) for gc in ("none", "nvfp4")]
+    variants += [(2, "nvfp4", {"use_multi_rank_bucket_allreduce": False}),  # reduce-to-owner seam
+                 (1, "nvfp4", {"reduce_scatter": False})]  # gradient_reduction_w_predivide seam
+    for stage, grad_comm, zero in variants:
+        nv = {"grad_comm": grad_comm, "keep_first_blocks": 0, "keep_last_blocks": 0}
+        engine, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(stage, nv, **zero))
+        losses = train(engine, 16)
+        stats = engine.nvfp4.comm_stats()
+        runs[f"stage{stage}-{grad_comm}" + "".join(f"-{k}={v}" for k, v in zero.items())] = {
+            "losses": losses, "digest": digest(full_params(engine)), "stats": stats,
+            "converted": len(engine.nvfp4.report.converted),
+        }
+    nv = {"grad_comm": "nvfp4", "weight_comm": "nvfp4", "keep_first_blocks": 0, "keep_last_blocks": 0}
+    engine, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(3, nv, stage3_param_persistence_threshold=0))
+    losses = train(engine, 16)
+    runs["stage3-weight_comm"] = {"losses": losses, "digest": digest(full_params(engine)),
+                                  "stats": engine.nvfp4.comm_stats(), "converted": 3}
+    return runs
+
+
+def scenario_plain() -> dict:
+    """The recipe disabled and grad_comm none must be plain DeepSpeed, bit for bit."""
+    import deepspeed
+
+    import ds_fp4
+
+    out = {}
+    for stage in (0, 1, 2, 3):
+        engine, *_ = deepspeed.initialize(model=mlp(), config=ds_config(stage, None))
+        plain = train(engine, 8)
+        engine, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(stage, {"enabled": False, "grad_comm": "none"}))
+        ours = train(engine, 8)
+        out[f"stage{stage}"] = {"plain": plain, "ds_fp4": ours,
+                                "nvfp4_layers": len(engine.nvfp4.layers)}
+    return out
+
+
+def scenario_unbiased() -> dict:
+    """Repeat one step many times (Adam with lr 0 keeps the weights fixed) and collect the reduced gradient."""
+    from deepspeed.utils import safe_get_full_grad
+
+    import ds_fp4
+
+    out = {}
+    reps = 64
+    # all-reduce (stage 0), reduce-to-owner (stage 2 without multi-rank buckets), reduce-scatter (stage 3)
+    for stage, zero in ((0, {}), (2, {"use_multi_rank_bucket_allreduce": False}), (3, {})):
+        grads = {}
+        for grad_comm in ("none", "nvfp4"):
+            nv = {"enabled": False, "grad_comm": grad_comm}
+            engine, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(stage, nv, optimizer=("Adam", 0.0), **zero))
+            samples = []
+            for _ in range(reps if grad_comm == "nvfp4" else 1):
+                x, y = task(dist.get_rank(), 0)
+                engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+                if stage == 0:
+                    g = torch.cat([p.grad.reshape(-1).float() for p in engine.module.parameters()])
+                else:
+                    g = torch.cat([safe_get_full_grad(p).reshape(-1).float() for p in engine.module.parameters()])
+                samples.append(g)
+                engine.step()
+            grads[grad_comm] = torch.stack(samples)
+        exact = grads["none"][0]
+        draws = grads["nvfp4"]
+        out[f"stage{stage}"] = {"exact": exact.tolist(), "mean": draws.mean(0).tolist(),
+                                "first": draws[0].tolist(), "std": draws.std(0).tolist(), "reps": reps}
+    return out
+
+
+def scenario_zero3_memory() -> dict:
+    """Under ZeRO-3 the forward must not keep the gathered weight alive for backward (DESIGN §5)."""
+    import deepspeed
+
+    import ds_fp4
+    from ds_fp4 import NVFP4Linear
+    from ds_fp4.linear import NVFP4LinearFunction
+
+    cfg = ds_config(3, {"grad_comm": "nvfp4", "keep_first_blocks": 0, "keep_last_blocks": 0},
+                    stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
+                    stage3_prefetch_bucket_size=0, stage3_max_live_parameters=0)
+    cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = 4, 2
+    with deepspeed.zero.Init(config_dict_or_path=cfg):
+        model = tiny_llama()
+    local_numel_under_init = sorted({p.numel() for p in model.parameters()})
+    engine, *_ = ds_fp4.initialize(model=model, config=cfg)
+    fp4 = {n: m for n, m in engine.module.named_modules() if isinstance(m, NVFP4Linear)}
+    gathered = {}  # id(param) -> (storage pointer, values) while DeepSpeed has it gathered
+
+    def remember(module, args):
+        w = module.weight
+        gathered[id(w)] = (w, w.untyped_storage().data_ptr(), w.detach().clone())
+
+    for m in fp4.values():
+        m.register_forward_pre_hook(remember)
+    violations, params_saved = [], 0
+
+    def pack(t):
+        nonlocal params_saved
+        if isinstance(t, torch.nn.Parameter) and hasattr(t, "ds_id"):
+            params_saved += 1  # the Parameter object itself: DeepSpeed frees its storage by swapping .data
+            return t
+        for w, ptr, values in gathered.values():
+            # Compare storages only while that weight is still gathered: freed memory gets reused.
+            live = w.ds_status.name != "NOT_AVAILABLE" and w.untyped_storage().data_ptr() == ptr
+            if live and t.numel() and t.untyped_storage().data_ptr() == ptr:
+                violations.append(f"a view of a gathered weight, shape {tuple(t.shape)}")
+            elif t.is_floating_point() and t.numel() == values.numel() and (
+                    torch.equal(t.reshape(values.shape).float(), values.float())
+                    or (t.dim() == 2 and torch.equal(t.t().reshape(values.shape).float(), values.float()))):
+                violations.append(f"a copy of a gathered weight, shape {tuple(t.shape)}, dtype {t.dtype}")
+        return t
+
+    data = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(dist.get_rank()))
+    losses, released = [], []
+    for _ in range(4):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = engine(input_ids=data, labels=data).loss
+        released.append(all(m.weight.ds_status.name == "NOT_AVAILABLE" and m.weight.data.numel() == 0
+                            for m in fp4.values()))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+
+    # The Function's own backward gathers a released weight, and releases it again.
+    lin = next(iter(fp4.values()))
+    w = lin.weight
+    x = torch.randn(5, w.ds_shape[1], requires_grad=True)
+    with deepspeed.zero.GatheredParameters([w]):
+        y = NVFP4LinearFunction.apply(x, w, None, lin.recipe)
+        full_w = w.detach().clone()
+    status_before_backward = w.ds_status.name
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    ref = (2 * y.detach()) @ full_w
+    return {
+        "released_after_forward": released, "violations": violations, "params_saved": params_saved,
+        "converted": len(engine.nvfp4.report.converted), "losses": losses,
+        "local_numel_under_init": local_numel_under_init,
+        "status_before_backward": status_before_backward, "status_after_backward": w.ds_status.name,
+        "dgrad_rel_err": ((dx - ref).norm() / ref.norm()).item(),
+    }
+
+
+def tiny_llama():
+    # transformers is imported at the top: importing it inside zero.Init's patched tensor constructors fails.
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
+def main() -> None:
+    import deepspeed
+
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    result = globals()[f"scenario_{scenario}"]()
+    with open(os.path.join(out_dir, f"{scenario}.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
