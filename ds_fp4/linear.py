@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import nvfp4, rng
+from . import nvfp4, rng, stats
 from .recipe import NVFP4Recipe
 
 
@@ -89,7 +89,8 @@ class NVFP4LinearFunction(torch.autograd.Function):
     """y = x W^T + b with NVFP4 fprop, dgrad and wgrad."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: NVFP4Recipe):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: NVFP4Recipe,
+                stats_sink: dict | None = None):
         in_features = weight.shape[1]
         x2 = x.reshape(-1, in_features)
         need_dgrad = ctx.needs_input_grad[0]
@@ -97,6 +98,9 @@ class NVFP4LinearFunction(torch.autograd.Function):
         zero3 = hasattr(weight, "ds_id")
         wq, wq_t = quantize_weight_operands(weight, recipe, need_transpose=need_dgrad and not zero3)
         xq = nvfp4.quantize(x2, tile=recipe.input.tile, rounding=recipe.input.rounding, backend=recipe.backend)
+        if stats_sink is not None:
+            stats_sink["input"] = stats.health(x2, xq)
+            stats_sink["weight"] = stats.health(weight, wq)
         y = nvfp4.matmul(xq, wq, out_dtype=torch.float32, backend=recipe.backend)
         if bias is not None:
             y = y + bias.to(torch.float32)
@@ -116,7 +120,7 @@ class NVFP4LinearFunction(torch.autograd.Function):
         w_parts, ctx.w_meta = _pack(wq_t)
         ctx.n_x = len(x_parts)
         ctx.save_for_backward(*x_parts, *w_parts, weight if zero3 else None)
-        ctx.recipe, ctx.zero3, ctx.has_bias = recipe, zero3, bias is not None
+        ctx.recipe, ctx.zero3, ctx.has_bias, ctx.stats_sink = recipe, zero3, bias is not None, stats_sink
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -142,10 +146,13 @@ class NVFP4LinearFunction(torch.autograd.Function):
                 dy2, tile=grad.tile, rounding=grad.rounding, seed=rng.draw_seed(), backend=recipe.backend
             )
             dx = nvfp4.matmul(dyq, wq_t, out_dtype=ctx.x_dtype, backend=recipe.backend).reshape(ctx.x_shape)
+            if ctx.stats_sink is not None:
+                ctx.stats_sink["grad"] = stats.health(dy2, dyq)
 
         if ctx.needs_input_grad[1]:
+            dy2_t = _pad_rows(dy2).t()
             dyq_t = nvfp4.quantize(
-                _pad_rows(dy2).t(),
+                dy2_t,
                 tile=grad.tile,
                 rounding=grad.rounding,
                 hadamard=recipe.hadamard_signs if grad.hadamard else False,
@@ -153,10 +160,12 @@ class NVFP4LinearFunction(torch.autograd.Function):
                 backend=recipe.backend,
             )
             dw = nvfp4.matmul(dyq_t, xq_t, out_dtype=ctx.weight_dtype, backend=recipe.backend)
+            if ctx.stats_sink is not None and "grad" not in ctx.stats_sink:
+                ctx.stats_sink["grad"] = stats.health(dy2_t, dyq_t)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.to(torch.float32).sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class NVFP4Linear(nn.Linear):
@@ -173,6 +182,7 @@ class NVFP4Linear(nn.Linear):
         check_linear_dims(self.in_features, self.out_features, recipe)
         self.recipe = recipe
         self.nvfp4_active = True
+        self.stats_sink: dict | None = None  # set by ds_fp4.stats.collect_stats
 
     @classmethod
     def from_float(cls, mod: nn.Linear, recipe: NVFP4Recipe | None = None) -> NVFP4Linear:
@@ -190,7 +200,7 @@ class NVFP4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.nvfp4_active:
             return F.linear(x, self.weight, self.bias)
-        return NVFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe)
+        return NVFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, self.stats_sink)
 
     def extra_repr(self) -> str:
         r = self.recipe

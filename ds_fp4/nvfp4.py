@@ -119,8 +119,8 @@ class NVFP4Tensor:
 
     def scaled_codes(self) -> torch.Tensor:
         """fp32 [M, K] of e2m1 * s_block, exact (5 significant bits at most), before g_dec."""
-        values = decode_e2m1(unpack_nibbles(self.data))
-        return values * self.scale.to(torch.float32).repeat_interleave(BLOCK, dim=1)
+        values = decode_packed(self.data).view(self.rows, self.cols // BLOCK, BLOCK)
+        return (values * self.scale.to(torch.float32).unsqueeze(-1)).view(self.rows, self.cols)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, undo_hadamard: bool = False) -> torch.Tensor:
         """Decode to ``dtype`` in the logical shape (step 6). With ``undo_hadamard`` the RHT is inverted."""
@@ -151,44 +151,91 @@ class NVFP4Tensor:
         )
 
 
-def _below(value: float) -> float:
-    """The largest fp32 strictly below ``value``."""
-    return torch.nextafter(torch.tensor(value), torch.tensor(0.0)).item()
+# Every E2M1 rounding threshold (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) and every E2M1 value is a multiple
+# of 1/4, so the code of |v| depends only on q = floor(4|v|) in 0..24 and on whether 4|v| == q exactly:
+# rounding becomes a lookup instead of a chain of comparisons (a CPU speed-up of ~2-4x; same bits).
+def _quarter_tables() -> tuple[list[int], list[int], list[float], list[float]]:
+    """(nearest codes at q/4 exactly, nearest codes inside (q/4, (q+1)/4), SR lower index, SR step^-1)."""
+    exact, inside, lower, inv_step = [], [], [], []
+    for q in range(25):
+        a = q / 4
+        exact.append(_nearest_code(a))
+        inside.append(_nearest_code(a + 1 / 8))
+        lo = max(i for i, m in enumerate(E2M1_MAGNITUDES) if m <= a)
+        lower.append(lo)
+        inv_step.append(0.0 if lo == 7 else 1.0 / (E2M1_MAGNITUDES[lo + 1] - E2M1_MAGNITUDES[lo]))
+    return exact, inside, lower, inv_step
 
 
-# E2M1 rounding thresholds as "a > t" tests, for torch.bucketize(right=False), which counts the
-# boundaries strictly below a. Ties at 0.25, 1.25, 2.5 and 5 round down to the even code; ties at 0.75,
-# 1.75 and 3.5 round up to the even code, i.e. "a >= t", written as "a > (the fp32 just below t)".
-_NEAREST_BOUNDARIES = (0.25, _below(0.75), 1.25, _below(1.75), 2.5, _below(3.5), 5.0)
-# Step from each E2M1 magnitude to the next, as the exact power-of-two reciprocal (0 after 6).
-_INV_STEPS = (2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.0)
+def _nearest_code(a: float) -> int:
+    """The spec's table (step 5): ties at 0.25, 1.25, 2.5, 5 go down and at 0.75, 1.75, 3.5 up (even code)."""
+    for code, (bound, inclusive) in enumerate(((0.25, True), (0.75, False), (1.25, True), (1.75, False),
+                                               (2.5, True), (3.5, False), (5.0, True))):
+        if a < bound or (inclusive and a == bound):
+            return code
+    return 7
 
 
-def _const(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+_EXACT, _INSIDE, _LOWER, _INV_STEP = _quarter_tables()
+_NEAREST_TABLE = [c for pair in zip(_EXACT, _INSIDE, strict=True) for c in pair]  # index 2q + (4|v| != q)
+_SR_OFFSET = [E2M1_MAGNITUDES[lo] * inv for lo, inv in zip(_LOWER, _INV_STEP, strict=True)]
+_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+
+def _lookup(device: torch.device) -> tuple[torch.Tensor, ...]:
+    if device not in _tables:
+        _tables[device] = (
+            torch.tensor(_NEAREST_TABLE, dtype=torch.uint8, device=device),
+            torch.tensor(_LOWER, dtype=torch.uint8, device=device),
+            torch.tensor(_INV_STEP, dtype=torch.float32, device=device),
+            torch.tensor(_SR_OFFSET, dtype=torch.float32, device=device),
+            torch.tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), dtype=torch.float32,
+                         device=device),
+        )
+    return _tables[device]
+
+
+def _sign_bit(v: torch.Tensor) -> torch.Tensor:
+    return (v < 0).to(torch.uint8) << 3
 
 
 def encode_nearest(v: torch.Tensor) -> torch.Tensor:
     """Step 5, nearest: fp32 v already clamped to [-6, 6] -> uint8 codes 0..15 (bit 3 = sign)."""
-    idx = torch.bucketize(v.abs(), _const(_NEAREST_BOUNDARIES, v.device), out_int32=True).to(torch.uint8)
-    return idx | ((v < 0).to(torch.uint8) << 3)
+    nearest = _lookup(v.device)[0]
+    four_a = v.abs() * 4  # exact
+    q = four_a.to(torch.int32).clamp_(0, 24)  # floor, since four_a >= 0; NaN lands on 0 (decodes to NaN)
+    index = q * 2 + (four_a != q)
+    codes = torch.index_select(nearest, 0, index.view(-1)).view(v.shape)
+    return codes | _sign_bit(v)
 
 
 def encode_stochastic(v: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Step 5, stochastic: round |v| up to the next E2M1 value with probability (|v| - lo) / (hi - lo)."""
+    _, lower, inv_step, offset, _ = _lookup(v.device)
     a = v.abs()
-    # right=True counts the magnitudes <= a, so lo_idx indexes the E2M1 value just at or below a.
-    lo_idx = torch.bucketize(a, _const(E2M1_MAGNITUDES[1:], v.device), right=True)
-    frac = (a - _const(E2M1_MAGNITUDES, v.device)[lo_idx]) * _const(_INV_STEPS, v.device)[lo_idx]  # exact
-    idx = lo_idx.to(torch.uint8) + (uniforms.view(v.shape) < frac).to(torch.uint8)
-    return idx | ((v < 0).to(torch.uint8) << 3)
+    q = (a * 4).to(torch.int32).clamp_(0, 24).view(-1)
+    # frac = (a - lo) / (hi - lo) = a * inv_step - lo * inv_step: exact, as hi - lo is a power of two.
+    frac = a.view(-1) * torch.index_select(inv_step, 0, q) - torch.index_select(offset, 0, q)
+    up = uniforms.view(-1) < frac
+    codes = (torch.index_select(lower, 0, q) + up.to(torch.uint8)).view(v.shape)
+    return codes | _sign_bit(v)
 
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes 0..15 -> fp32 values."""
-    table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=codes.device)
-    table = torch.cat([table, -table])
-    return table[codes.long()]
+    return _lookup(codes.device)[4][codes.long()]
+
+
+def decode_packed(packed: torch.Tensor) -> torch.Tensor:
+    """Packed bytes [..., K // 2] -> fp32 values [..., K], through a 256-entry table of value pairs."""
+    if packed.device not in _pair_tables:
+        codes = torch.arange(256, dtype=torch.uint8, device=packed.device)
+        _pair_tables[packed.device] = decode_e2m1(unpack_nibbles(codes.view(256, 1))).view(256, 2)
+    pairs = torch.nn.functional.embedding(packed.long(), _pair_tables[packed.device])
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+_pair_tables: dict[torch.device, torch.Tensor] = {}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -276,6 +323,9 @@ def quantize_reference(
     mult = g_enc * (_f32(1.0, dev) / _f32(6.0, dev))
     b = _block_amax(a, tile)
     s = torch.clamp(torch.minimum(b * mult, _f32(FLT_MAX, dev)), -E4M3_MAX, E4M3_MAX)
+    # A NaN block's scale is NaN; CPU min/clamp may return it with the sign bit set: store the positive
+    # NaN (0x7F), as the kernels do, so the bytes do not depend on the device.
+    s = torch.where(torch.isnan(s), _f32(float("nan"), dev), s)
     scale = s.to(torch.float8_e4m3fn) if scale_rounding == "nearest" else e4m3_round_up(s)
     enc = torch.minimum(1.0 / (scale.to(torch.float32) * g_dec), _f32(FLT_MAX, dev))
     m, k = xf.shape

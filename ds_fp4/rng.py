@@ -65,7 +65,7 @@ def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
 
 # Counters per Philox call on CPU: small enough that the ~40 int64 temporaries of the ten rounds stay in
 # cache instead of being freshly allocated (and page-faulted) for the whole tensor.
-_CPU_CHUNK = 8192
+_CPU_CHUNK = 32768
 
 
 def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -130,3 +130,34 @@ def test_no_grad_inference_saves_nothing_and_works():
     with torch.no_grad():
         y = q(torch.randn(4, 128))
     assert y.shape == (4, 96)
+
+
+def test_collect_stats_reports_health_of_input_weight_and_grad():
+    from ds_fp4.stats import collect_stats
+
+    _, q = _pair()
+    model = nn.Sequential(q)
+    x = torch.randn(64, 128)
+    with collect_stats(model) as figures:
+        model(x).square().sum().backward()
+    layer = figures["0"]
+    assert set(layer) == {"input", "weight", "grad"}
+    for tensor in layer.values():
+        assert set(tensor) == {"amax", "underflow", "saturated", "sqnr_db"}
+        assert 12 < tensor["sqnr_db"] < 30  # 4-bit Gaussian-ish data
+        assert 0 < tensor["saturated"] <= 1 and tensor["underflow"] == 0
+    assert layer["input"]["amax"] == x.abs().max().item()
+    assert q.stats_sink is None  # switched off again
+    # Outside the block nothing is collected.
+    model(x).sum().backward()
+    assert q.stats_sink is None
+
+
+def test_stats_see_underflow_when_dynamic_range_exceeds_e4m3():
+    from ds_fp4.nvfp4 import quantize
+    from ds_fp4.stats import health
+
+    x = torch.randn(16, 64)
+    x[:, :16] *= 1e-9  # these blocks' scales fall below E4M3's smallest subnormal
+    figures = health(x, quantize(x))
+    assert figures["underflow"] == pytest.approx(16 / 64)
