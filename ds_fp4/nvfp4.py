@@ -396,11 +396,8 @@ def quantize(
         signs = _hadamard.validate_signs(None if hadamard is True else hadamard)
     if rounding == "stochastic" and seed is None:
         seed = _rng.draw_seed()
-    if scale_rounding != "nearest":
-        data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed,
-                                             scale_rounding=scale_rounding)
-    else:
-        data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed)
+    data, scale, amax = kernels.quantize(x2, tile=tile, rounding=rounding, signs=signs, seed=seed,
+                                         scale_rounding=scale_rounding)
     return NVFP4Tensor(data=data, scale=scale, amax=amax, shape=x.shape, tile=tile, hadamard_signs=signs)
 
 

@@ -78,10 +78,12 @@ def quantize(
     rounding: str,
     signs: Sequence[int] | None,
     seed: int | None,
+    scale_rounding: str = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(data uint8 [M, K/2], scale float8_e4m3fn [M, K/16], amax fp32 0-dim) of x2d [M, K] (any strides).
 
     signs: None, or the RHT sign vector to apply along K first. seed: required for "stochastic".
+    scale_rounding: "nearest" (the spec) or "up" (1x16 only; see nvfp4.quantize_reference).
     """
     from .nvfp4_math import signs_mask
 
@@ -95,8 +97,13 @@ def quantize(
         raise ValueError("rounding='stochastic' needs a seed; got seed=None")
     if signs is not None and (len(signs) != 16 or any(s not in (1, -1) for s in signs)):
         raise ValueError(f"signs must be 16 values, each +1 or -1; got {signs!r}")
+    if scale_rounding not in ("nearest", "up"):
+        raise ValueError(f"scale_rounding must be 'nearest' or 'up'; got {scale_rounding!r}")
+    if scale_rounding == "up" and tile != (1, 16):
+        raise ValueError(f"scale_rounding='up' is implemented for 1x16 blocks only; got tile {tile}")
     mask = -1 if signs is None else signs_mask(signs)
-    return _ops().quantize_op(x2d, tile[0], stochastic, mask, int(seed) if stochastic else 0)
+    return _ops().quantize_op(x2d, tile[0], stochastic, mask, int(seed) if stochastic else 0,
+                              scale_rounding == "up")
 
 
 def quantize_weight(w2d: torch.Tensor):

@@ -129,11 +129,18 @@ def e4m3_to_f32(code):
 
 
 @triton.jit
-def block_encode_scale(bmax, g_enc, g_dec):
-    """Steps 3-4 for block maxima ``bmax``: (E4M3 code as int32, fp32 encode multiplier ``enc``)."""
+def block_encode_scale(bmax, g_enc, g_dec, SCALE_UP: tl.constexpr = False):
+    """Steps 3-4 for block maxima ``bmax``: (E4M3 code as int32, fp32 encode multiplier ``enc``).
+
+    SCALE_UP: round the scale up instead of to nearest (nvfp4.quantize_reference's scale_rounding="up").
+    """
     s = bmax * (g_enc * ONE_SIXTH)
     s = tl.where(s > 448.0, 448.0, s)  # also maps inf; s >= 0 or NaN, so no lower clamp is needed
     code, value = e4m3_round(s)
+    if SCALE_UP:
+        below = value < s  # RNE went down: take the next code (codes are monotonic for s >= 0)
+        code = tl.where(below, code + 1, code)
+        value = tl.where(below, e4m3_to_f32(code), value)
     enc = tl.math.div_rn(tl.full(bmax.shape, 1.0, tl.float32), value * g_dec)
     enc = tl.where(enc > FLT_MAX, FLT_MAX, enc)
     return code, enc

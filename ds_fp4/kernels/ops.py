@@ -28,18 +28,20 @@ def _quantize_outputs(x: torch.Tensor):
 
 @torch.library.custom_op("ds_fp4::quantize", mutates_args=())
 def quantize_op(
-    x: torch.Tensor, tile_rows: int, stochastic: bool, signs_mask: int, seed: int
+    x: torch.Tensor, tile_rows: int, stochastic: bool, signs_mask: int, seed: int, scale_up: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask = None if signs_mask < 0 else signs_mask
     if tile_rows == 1:
-        return quantize_1x16(x, stochastic=stochastic, signs_mask=mask, seed=seed)
+        return quantize_1x16(x, stochastic=stochastic, signs_mask=mask, seed=seed, scale_up=scale_up)
+    if scale_up:
+        raise ValueError("ds_fp4::quantize: scale rounding 'up' is implemented for 1x16 blocks only")
     if tile_rows == 16:
         return quantize_16x16(x, stochastic=stochastic, signs_mask=mask, seed=seed)
     raise ValueError(f"ds_fp4::quantize: tile_rows must be 1 or 16; got {tile_rows}")
 
 
 @quantize_op.register_fake
-def _(x, tile_rows, stochastic, signs_mask, seed):
+def _(x, tile_rows, stochastic, signs_mask, seed, scale_up=False):
     return _quantize_outputs(x)
 
 

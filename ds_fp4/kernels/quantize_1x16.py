@@ -41,11 +41,11 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "K", "HADAMARD", "STOCHASTIC", "ROW_CONTIG"])
+@triton.autotune(configs=_configs(), key=["M", "K", "HADAMARD", "STOCHASTIC", "ROW_CONTIG", "SCALE_UP"])
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_1x16_kernel(x_ptr, data_ptr, scale_ptr, amax_bits_ptr, seed, M, K, stride_xm, stride_xk,
                           HADAMARD: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          ROW_CONTIG: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
+                          ROW_CONTIG: tl.constexpr, SCALE_UP: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
     # A program owns BM rows x G groups of 16; r enumerates them, along K first when rows are
     # contiguous (vector loads), along M first otherwise (each of the 16 loads coalesces along M).
     R: tl.constexpr = BM * G
@@ -63,7 +63,7 @@ def _quantize_1x16_kernel(x_ptr, data_ptr, scale_ptr, amax_bits_ptr, seed, M, K,
 
     g_enc, g_dec = nm.global_scales(tl.load(amax_bits_ptr).to(tl.float32, bitcast=True))
     bmax = gr.group_absmax(x).to(tl.float32, bitcast=True)
-    scale_code, enc = nm.block_encode_scale(bmax, g_enc, g_dec)
+    scale_code, enc = nm.block_encode_scale(bmax, g_enc, g_dec, SCALE_UP)
     if STOCHASTIC:
         rnd = gr.group_uniforms(seed, rows, groups, K)
     else:
@@ -82,12 +82,14 @@ def quantize_1x16(
     stochastic: bool = False,
     signs_mask: int | None = None,
     seed: int | None = None,
+    scale_up: bool = False,
     _amax_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize x2d [M, K] (any strides) along K: (data uint8 [M, K/2], scale e4m3 [M, K/16], amax fp32 0-dim).
 
     signs_mask: None, or the RHT signs as a 16-bit mask (nvfp4_math.signs_mask) to transform first.
     seed: required with ``stochastic``; the Philox key (0 <= seed < 2**63).
+    scale_up: block scales rounded up, not to nearest (no clamping; NVFP4 communication uses it).
     _amax_bits: pass 1's result (amax.tensor_amax_bits) to run pass 2 alone; for bench/kernels.py.
     """
     check_2d_input("quantize_1x16", x2d)
@@ -107,6 +109,6 @@ def quantize_1x16(
             x2d, data.view(torch.int32), scale, amax_bits, int(seed) if stochastic else 0,
             m, k, x2d.stride(0), x2d.stride(1),
             HADAMARD=signs_mask is not None, SIGNS=signs_mask or 0, STOCHASTIC=stochastic,
-            ROW_CONTIG=x2d.stride(1) == 1, **launch_options(),
+            ROW_CONTIG=x2d.stride(1) == 1, SCALE_UP=bool(scale_up), **launch_options(),
         )
     return data, scale.view(torch.float8_e4m3fn), amax_bits.view(torch.float32).reshape(())

@@ -64,7 +64,8 @@ def _quantize_args(kernel_name: str, dtype: str, strided: bool, **flags):
     out = {**common, "data_ptr": "*u8", "scale_ptr": "*u8", "seed": "i64", "HADAMARD": flags["HADAMARD"],
            "SIGNS": 0x0E8B, "STOCHASTIC": flags["STOCHASTIC"]}
     if kernel_name == "1x16":
-        return {**out, "data_ptr": "*i32", "ROW_CONTIG": not strided, "BM": 32, "G": 16}
+        return {**out, "data_ptr": "*i32", "ROW_CONTIG": not strided, "SCALE_UP": flags.get("SCALE_UP", False),
+                "BM": 32, "G": 16}
     return {**out, "data_t_ptr": "*u8", "scale_t_ptr": "*u8", "WRITE_T": flags["WRITE_T"], "BM": 32, "BK": 128}
 
 
@@ -100,6 +101,8 @@ def variants():
          _quantize_args("1x16", "bf16", False, HADAMARD=False, STOCHASTIC=False), div),
         ("quantize_1x16_rht_sr_bf16_strided_sm90", 90, q1x16,
          _quantize_args("1x16", "bf16", True, HADAMARD=True, STOCHASTIC=True), div),
+        ("quantize_1x16_sr_scale_up_fp32_contig_sm90", 90, q1x16,  # the NVFP4 communication variant
+         _quantize_args("1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, SCALE_UP=True), div),
         ("quantize_1x16_fp32_contig_sm80", 80, q1x16,
          _quantize_args("1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True), div),
         ("decode_fp16_sm90", 90, decode._dequantize_kernel.fn,

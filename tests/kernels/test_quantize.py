@@ -141,3 +141,21 @@ def test_empty_and_single_block_inputs():
                 continue
             _check(x, tile, hadamard=False)
             _check(x, tile, hadamard=True)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("case", ["ties", "wide_range", "scale_subnormal", "nan"])
+def test_scale_rounding_up_bit_exact(case, rounding):
+    """The communication path's variant: block scales rounded up instead of to nearest."""
+    x = layout(adversarial(case), "transposed")
+    seed = 5 if rounding == "stochastic" else None
+    got = kernels.quantize(x.to(DEVICE), tile=(1, 16), rounding=rounding, signs=None, seed=seed,
+                           scale_rounding="up")
+    ref = nvfp4.quantize_reference(x.cpu(), rounding=rounding, seed=seed, scale_rounding="up")
+    assert_same_quantization(got, ref)
+
+
+def test_scale_rounding_up_is_1x16_only():
+    with pytest.raises(ValueError, match="1x16 blocks only"):
+        kernels.quantize(torch.randn(16, 32), tile=(16, 16), rounding="nearest", signs=None, seed=None,
+                         scale_rounding="up")
