@@ -10,6 +10,7 @@ each ZeRO stage moves gradients and ZeRO-3 weights:
   stage 3     stage3.reduce_scatter_coalesced                       gradient reduce-scatter
               partition_parameters._dist_allgather_fn               weight all-gather (weight_comm), used
               PartitionedParameterCoordinator.__all_gather_params_  only for NVFP4Linear weights
+  CPU         comm.torch.build_shm_op                               turned off (disable_cpu_shm_comm)
 
 Each replacement keeps the original's scaling rules (gradient_average, predivide factors, dtype round
 trips) and swaps only the collective. It is inert unless the engine or optimizer it runs for carries an
@@ -268,6 +269,26 @@ def uninstall() -> None:
                 owner, leaf = _resolve(module_name, path)
                 setattr(owner, leaf, _originals.pop(path))
         _stage3_grad_comm = None
+
+
+_SHM_SEAM = ("deepspeed.comm.torch", "build_shm_op")
+
+
+def disable_cpu_shm_comm() -> None:
+    """Stop DeepSpeed from building and starting its CPU shared-memory all-reduce op.
+
+    DeepSpeed uses that op only for inference all-reduces, but starts it in every CPU process group,
+    and a torchrun restart then fails: the new group's gloo ranks connect to the previous attempt's
+    addresses (seen with DeepSpeed 0.19.8; plain torch.distributed restarts fine). Training never uses
+    it, and skipping it also saves its ~60 s JIT build on a fresh machine. Call before init_distributed.
+    """
+    try:
+        owner, leaf = _resolve(*_SHM_SEAM)
+        getattr(owner, leaf)
+    except (ImportError, AttributeError) as e:
+        raise SeamError(f"deepspeed.comm.torch.build_shm_op is gone ({e}); supported DeepSpeed: "
+                        f"{SUPPORTED_DEEPSPEED}") from e
+    setattr(owner, leaf, lambda: None)  # DeepSpeed's own "op not available" answer
 
 
 def activate_grad_comm(engine, state: comm.CommState | None) -> None:

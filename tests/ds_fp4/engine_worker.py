@@ -228,8 +228,11 @@ def tiny_llama():
 def main() -> None:
     import deepspeed
 
+    from ds_fp4 import seams
+
     scenario, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
+    seams.disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     result = globals()[f"scenario_{scenario}"]()
     with open(os.path.join(out_dir, f"{scenario}.rank{dist.get_rank()}.json"), "w") as f:

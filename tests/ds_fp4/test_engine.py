@@ -186,6 +186,12 @@ def test_install_is_idempotent_and_uninstall_restores():
     assert DeepSpeedZeroOptimizer.allreduce_bucket is original_bucket
 
 
+def test_cpu_shm_comm_seam_exists():
+    from deepspeed.comm import torch as ds_torch
+
+    assert callable(ds_torch.build_shm_op)
+
+
 def test_a_missing_seam_fails_loudly_with_the_supported_range(monkeypatch):
     from deepspeed.runtime.zero import stage3
 

@@ -1,0 +1,137 @@
+"""Helpers for the trainer tests: a small prepared corpus, run configs, and real rank processes.
+
+Ranks are started the way srun starts tasks: one `python launch/train.py` process per rank with RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its environment, so each rank's exit code is
+observable (a launcher would fold them into one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "launch" / "train.py"
+DEMO = REPO / "configs" / "demo-cpu.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+class Ranks:
+    """W rank processes of one run; each writes its output to out_dir/rank<r>.log."""
+
+    def __init__(self, config: Path, world: int, overrides: list[str] = (), script: Path = TRAIN,
+                 log_dir: Path | None = None) -> None:
+        port = str(free_port())
+        self.logs = []
+        self.procs = []
+        log_dir = Path(log_dir or config.parent)
+        for r in range(world):
+            log = open(log_dir / f"rank{r}.{int(time.time() * 1000)}.log", "w")
+            env = child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port)
+            cmd = [sys.executable, str(script), "--deepspeed_config", str(config)]
+            for o in overrides:
+                cmd += ["--set", o]
+            self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+            self.logs.append(log)
+
+    def wait(self, timeout: float = 600) -> list[int]:
+        deadline = time.time() + timeout
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(max(1.0, deadline - time.time())))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        for log in self.logs:
+            log.close()
+        return codes
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, sig)
+        for p in self.procs:
+            p.wait()
+
+    def output(self) -> str:
+        return "\n".join(Path(log.name).read_text() for log in self.logs)
+
+
+def run(config: Path, world: int, overrides: list[str] = (), expect: int | None = 0, timeout: float = 600,
+        **kw) -> Ranks:
+    ranks = Ranks(config, world, overrides, **kw)
+    codes = ranks.wait(timeout)
+    if expect is not None and any(c != expect for c in codes):
+        raise AssertionError(f"exit codes {codes}, expected {expect}:\n{ranks.output()[-6000:]}")
+    ranks.codes = codes
+    return ranks
+
+
+def steps(out_dir: Path) -> dict[int, dict]:
+    """steps.jsonl as {step: row}; a step logged twice (before a crash and after the resume) keeps the last."""
+    rows = {}
+    for line in (out_dir / "steps.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The embedded stdlib corpus, cut to its first 120 files: prepared once for all trainer tests."""
+    from data_pipeline import prepare_embedded_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib"
+    prepare_embedded_corpus(out, vocab_size=1024, eval_fraction=0.05, max_files=120, progress=False)
+    return out
+
+
+def write_config(path: Path, corpus: Path, **sections) -> Path:
+    """The demo config with a smaller model, the test corpus, and section overrides merged in."""
+    cfg = json.loads(DEMO.read_text())
+    cfg["model"]["config"].update({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 64})
+    cfg["data"] = {"sources": [str(corpus)], "seq_len": 64, "seed": 7}
+    cfg["trainer"].update({"out_dir": str(path.parent / "run"), "max_steps": 8, "save_interval": 4,
+                           "eval_interval": 0, "log_interval": 1, "progress": False, "warmup_steps": 2})
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    path.write_text(json.dumps(cfg, indent=1))
+    return path

@@ -1,0 +1,77 @@
+"""The trainer's parts that need no processes: checkpoint bookkeeping, the schedule, launcher env mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.checkpoint import COMPLETE, META, CheckpointManager
+from launch.distributed import first_host, map_launcher_env, port_for_job
+from launch.metrics import wsd_lambda
+
+
+def _fake_checkpoint(root, step, complete=True, world=2):
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / META).write_text(json.dumps({"step": step, "dp_world_size": world, "zero_stage": 1}))
+    if complete:
+        (d / COMPLETE).write_text("")
+    return d
+
+
+def test_latest_never_names_a_half_written_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    _fake_checkpoint(tmp_path, 100)
+    _fake_checkpoint(tmp_path, 200, complete=False)  # a crash during the save at step 200
+    (tmp_path / "latest").write_text("step_00000200")  # even a pointer that names it is not trusted
+    assert mgr.latest().step == 100
+    (tmp_path / "latest").write_text("garbage")
+    assert mgr.latest().step == 100
+
+
+def test_prune_keeps_the_newest_complete_and_removes_partials(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for s in (10, 20, 30):
+        _fake_checkpoint(tmp_path, s)
+    _fake_checkpoint(tmp_path, 40, complete=False)
+    (tmp_path / "step_00000010_universal").mkdir()
+    mgr.prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+    assert mgr.latest().step == 30
+
+
+def test_wsd_schedule_warms_up_holds_and_decays():
+    f = wsd_lambda(total_steps=100, warmup_steps=10, decay_fraction=0.2, shape="linear", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == f(50) == f(79) == 1.0
+    assert f(80) == pytest.approx(0.1 + 0.9 * (1 - 1 / 20))
+    assert f(99) == pytest.approx(0.1)
+    cos = wsd_lambda(100, 0, 0.2, "cosine", 0.0)
+    assert cos(89) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 10 / 20)))
+
+
+def test_slurm_variables_map_to_torch_distributed():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert map_launcher_env(env) == "slurm"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "gpu07"
+    assert env["MASTER_PORT"] == str(port_for_job("123456")) and 20000 <= int(env["MASTER_PORT"]) < 40000
+    assert port_for_job(1) != port_for_job(2)
+
+
+def test_launcher_variables_win_and_mpirun_is_mapped():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"}
+    assert map_launcher_env(env) == "torchrun/deepspeed" and env["RANK"] == "0"
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "10.0.0.1"}
+    assert map_launcher_env(env) == "mpirun"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1") and "MASTER_PORT" in env
+
+
+@pytest.mark.parametrize("nodelist, host", [("node01", "node01"), ("gpu[07-08]", "gpu07"),
+                                            ("a[3,5],b1", "a3")])
+def test_first_host_without_scontrol_parses_the_nodelist(nodelist, host, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol here: the fallback parser answers
+    assert first_host(nodelist) == host

@@ -1,0 +1,214 @@
+"""The trainer end to end with real rank processes: logging, checkpoints, kill -9 resume, resize,
+elastic restart, preemption, the non-finite guard, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import REPO, TRAIN, Ranks, child_env, free_port, run, steps, wait_for, write_config
+
+SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps",
+           "comm/grad_bytes_sent", "comm/grad_bytes_saved", "comm/grad_ratio_vs_bf16", "eval/loss"]
+HEALTH = ["amax", "underflow", "saturated", "sqnr_db"]
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    """An uninterrupted 2-rank run of 8 steps (checkpoints at 4 and 8): the reference for the resume tests."""
+    d = tmp_path_factory.mktemp("baseline")
+    cfg = write_config(d / "cfg.json", corpus, nvfp4={"stats_interval": 3},
+                       trainer={"eval_interval": 4, "eval_batches": 1})
+    run(cfg, 2)
+    return d / "run", cfg
+
+
+def test_demo_config_runs_and_logs_every_scalar_to_tensorboard(baseline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = baseline
+    acc = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    missing = [t for t in SCALARS if t not in tags]
+    assert not missing, missing
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    layer = "model.layers.1.mlp.down_proj"  # converted (blocks 0 and 3 stay in BF16)
+    for tensor in ("input", "weight", "grad"):
+        for name in HEALTH:
+            assert f"nvfp4/{layer}/{tensor}/{name}" in tags
+    assert not any(t.startswith("nvfp4/model.layers.0.") for t in tags)
+    # stats_interval 3: health at steps 0, 3, 6 (logged with the step count after it, 1, 4, 7).
+    assert [e.step for e in acc.Scalars(f"nvfp4/{layer}/weight/sqnr_db")] == [1, 4, 7]
+    ratio = acc.Scalars("comm/grad_ratio_vs_bf16")[-1].value
+    assert 0.25 < ratio <= 0.30
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses[-1] < losses[0]
+
+
+def test_checkpoints_are_complete_pruned_and_pointed_to(baseline):
+    ckpts = baseline[0] / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000008"
+    complete = sorted(d.name for d in ckpts.glob("step_*") if (d / "COMPLETE").is_file())
+    assert complete == ["step_00000004", "step_00000008"]  # keep_checkpoints = 2
+    meta = json.loads((ckpts / "step_00000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["dp_world_size"] == 2 and meta["data"] == {"samples_consumed": 8 * 16}
+
+
+def test_kill_9_then_restart_repeats_the_uninterrupted_losses_exactly(baseline, tmp_path):
+    """Determinism makes this bitwise on CPU: per-step RNG reseeding, the loader counter, the optimizer state
+    and the NVFP4 communication counter are all restored from the step-4 checkpoint."""
+    ref_out, ref_cfg = baseline
+    cfg = json.loads(ref_cfg.read_text())
+    cfg["trainer"]["out_dir"] = str(tmp_path / "run")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    ranks = Ranks(tmp_path / "cfg.json", 2)
+    out = tmp_path / "run"
+    wait_for(lambda: (out / "checkpoints" / "step_00000004" / "COMPLETE").exists()
+             and (out / "steps.jsonl").exists() and len((out / "steps.jsonl").read_text().splitlines()) >= 5,
+             what="step 5 after the first checkpoint")
+    ranks.kill(signal.SIGKILL)
+    assert max(steps(out)) < 8
+    run(tmp_path / "cfg.json", 2)
+    ours, ref = steps(out), steps(ref_out)
+    assert sorted(ours) == list(range(1, 9))
+    for s in range(5, 9):
+        assert ours[s]["digest"] == ref[s]["digest"]
+        assert ours[s]["loss"] == ref[s]["loss"], (s, ours[s]["loss"], ref[s]["loss"])
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data_order(baseline, tmp_path):
+    ref_out, ref_cfg = baseline
+    cfg = json.loads(ref_cfg.read_text())
+    cfg["trainer"]["out_dir"] = str(tmp_path / "run")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    ranks = Ranks(tmp_path / "cfg.json", 2)
+    wait_for(lambda: (out / "checkpoints" / "step_00000004" / "COMPLETE").exists(), what="the step-4 checkpoint")
+    ranks.kill(signal.SIGKILL)
+    (out / "checkpoints" / "latest").write_text("step_00000004")  # resume from 4 even if 8 was reached
+    for later in out.glob("checkpoints/step_0000000[5-9]"):
+        (later / "COMPLETE").unlink(missing_ok=True)
+    resumed = run(tmp_path / "cfg.json", 1)
+    assert "universal checkpoint from 2 ranks" in resumed.output()
+    assert "2 micro-steps per step" in resumed.output()  # the global batch of 16 is kept
+    ours, ref = steps(out), steps(ref_out)
+    for s in range(5, 9):
+        assert ours[s]["digest"] == ref[s]["digest"], s  # the very same samples
+        assert ours[s]["lr"] == ref[s]["lr"]
+        # Not bitwise: 1 rank sums in another order and draws other stochastic-rounding bits.
+        assert ours[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.02)
+
+
+def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(corpus, tmp_path):
+    cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 40, "save_interval": 0})
+    ranks = Ranks(cfg, 2)
+    out = tmp_path / "run"
+    wait_for(lambda: (out / "steps.jsonl").exists() and len((out / "steps.jsonl").read_text().splitlines()) >= 3,
+             what="3 steps")
+    os.kill(ranks.procs[1].pid, signal.SIGUSR1)  # one rank is enough: the flag is all-reduced
+    assert ranks.wait(300) == [75, 75]
+    latest = (out / "checkpoints" / "latest").read_text()
+    meta = json.loads((out / "checkpoints" / latest / "meta.json").read_text())
+    assert (out / "checkpoints" / latest / "COMPLETE").is_file()
+    assert meta["step"] == max(steps(out)) < 40
+    assert "preempted (SIGUSR1)" in ranks.output() or "preempted (signal on another rank)" in ranks.output()
+
+
+def test_torchrun_with_max_restarts_survives_a_killed_worker(corpus, tmp_path):
+    cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 14, "save_interval": 3})
+    out = tmp_path / "run"
+    log = open(tmp_path / "torchrun.log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:1", "--nproc_per_node=2", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(TRAIN),
+           "--deepspeed_config", str(cfg)]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists(), what="a checkpoint")
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)
+        assert agent.wait(400) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        log.close()
+    text = (tmp_path / "torchrun.log").read_text()
+    assert "resumed from" in text
+    assert sorted(steps(out)) == list(range(1, 15))
+
+
+NAN_LOSS_SCRIPT = """
+import math, sys
+sys.path.insert(0, {repo!r})
+from launch import trainer, train
+BAD = set({bad!r})
+original = trainer.Trainer._micro_loss
+def poisoned(self, batch):
+    loss = original(self, batch)
+    return loss * math.nan if self.step in BAD else loss
+trainer.Trainer._micro_loss = poisoned
+sys.exit(train.main())
+"""
+
+
+def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(corpus, tmp_path):
+    script = tmp_path / "nan_train.py"
+    script.write_text(NAN_LOSS_SCRIPT.format(repo=str(REPO), bad=[2, 6, 7, 8, 9]))
+    cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 12, "max_consecutive_skips": 3})
+    ranks = run(cfg, 2, script=script, expect=65)
+    rows = steps(tmp_path / "run")
+    assert rows[3]["applied"] is False and rows[4]["applied"] is True  # step index 2 is the 3rd step
+    assert [rows[s]["applied"] for s in (7, 8, 9)] == [False, False, False]
+    assert max(rows) == 9
+    assert "stopping: 3 consecutive non-finite steps; the last good checkpoint is" in ranks.output()
+    assert "step_00000008" in ranks.output()  # saved during the streak: skipped steps change no weights
+    assert rows[9]["loss"] is None
+
+
+def test_export_round_trip_matches_the_checkpoint_logits(baseline, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ds_fp4
+
+    out, _ = baseline
+    ckpt = out / "checkpoints" / "step_00000008"
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "launch.export", str(ckpt), str(hf)], cwd=REPO, check=True,
+                   env=child_env(), capture_output=True)
+    exported = AutoModelForCausalLM.from_pretrained(hf)
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert exported.dtype == torch.bfloat16  # trained in bf16
+    ids = torch.tensor([tok.encode("def main():\n    return 0\n")])
+    # The trainer's model: the checkpoint's module weights in a fresh, converted model.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from launch.trainer import fp32_buffers, restore_fp32_buffers
+
+    trained = AutoModelForCausalLM.from_config(exported.config)
+    buffers = fp32_buffers(trained)
+    trained = trained.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does ...
+    restore_fp32_buffers(trained, buffers)  # ... and what the trainer undoes for RoPE's constants
+    ds_fp4.convert_to_nvfp4(trained, ds_fp4.NVFP4Recipe.paper())
+    trained.load_state_dict({k: v.to(torch.bfloat16) for k, v in
+                             get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name).items()})
+    with torch.no_grad():
+        ds_fp4.set_nvfp4_active(trained, False)
+        assert torch.equal(exported(ids).logits, trained(ids).logits)
+        ds_fp4.set_nvfp4_active(trained, True)
+        fp4 = trained(ids).logits.float()
+    ref = exported(ids).logits.float()
+    assert 0 < (fp4 - ref).norm() / ref.norm() < 0.2  # NVFP4 forward: close, not equal
+
+
+def test_bf16_tail_switches_nvfp4_off_for_the_last_tokens(corpus, tmp_path):
+    cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 4, "bf16_tail_fraction": 0.5,
+                                                                "save_interval": 0})
+    ranks = run(cfg, 2)
+    assert "step 2: switching all NVFP4 layers to high precision" in ranks.output()
