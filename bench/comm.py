@@ -48,6 +48,30 @@ def _time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
+def measure(n: int, rank: int, world: int, device: torch.device, reps: int, sync) -> dict:
+    """Both reduce-scatters of one n-element bf16 bucket: bytes, median times, NVFP4 error."""
+    grad = (torch.randn(n, generator=torch.Generator().manual_seed(rank)) * 1e-3).to(device, torch.bfloat16)
+    shard = torch.empty(n // world, dtype=torch.bfloat16, device=device)
+    t_bf16 = _time(lambda: dist.reduce_scatter_tensor(shard, grad), reps, sync)
+    state = comm.CommState(seed=1, backend="auto")
+    t_fp4 = _time(lambda: comm.reduce_scatter(grad, None, state, itemsize=2), reps, sync)
+    stats = state.grad_stats
+    exact = grad.float()
+    dist.all_reduce(exact)
+    mine = comm.reduce_scatter(grad, None, comm.CommState(seed=2), itemsize=2)
+    ref = exact[rank * (n // world):(rank + 1) * (n // world)]
+    return {
+        "elements": n,
+        "bf16_bytes": stats.bytes_bf16 // stats.calls,
+        "nvfp4_bytes": stats.bytes_sent // stats.calls,
+        "byte_ratio": stats.bytes_sent / stats.bytes_bf16,
+        "bf16_s": t_bf16,
+        "nvfp4_s": t_fp4,
+        "time_ratio": t_fp4 / t_bf16,
+        "nvfp4_rel_error": ((mine - ref).norm() / ref.norm()).item(),
+    }
+
+
 def worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"
@@ -57,31 +81,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = []
-    for n in args.sizes:
-        n = int(n) // (16 * world) * 16 * world
-        grad = (torch.randn(n, generator=torch.Generator().manual_seed(rank)) * 1e-3).to(device, torch.bfloat16)
-        shard = torch.empty(n // world, dtype=torch.bfloat16, device=device)
-        t_bf16 = _time(lambda: dist.reduce_scatter_tensor(shard, grad), args.reps, sync)
-        state = comm.CommState(seed=1, backend="auto")
-        t_fp4 = _time(lambda: comm.reduce_scatter(grad, None, state, itemsize=2), args.reps, sync)
-        stats = state.grad_stats
-        calls = stats.calls
-        exact = grad.float().clone()
-        dist.all_reduce(exact)
-        mine = comm.reduce_scatter(grad, None, comm.CommState(seed=2), itemsize=2)
-        ref = exact[rank * (n // world):(rank + 1) * (n // world)]
-        rows.append({
-            "elements": n,
-            "bf16_bytes": stats.bytes_bf16 // calls,
-            "nvfp4_bytes": stats.bytes_sent // calls,
-            "byte_ratio": stats.bytes_sent / stats.bytes_bf16,
-            "bf16_s": t_bf16,
-            "nvfp4_s": t_fp4,
-            "time_ratio": t_fp4 / t_bf16,
-            "nvfp4_rel_error": ((mine - ref).norm() / ref.norm()).item(),
-        })
-        del grad, shard, exact
+    rows = [measure(int(n) // (16 * world) * 16 * world, rank, world, device, args.reps, sync) for n in args.sizes]
     if rank == 0:
         queue.put(rows)
     dist.barrier()

@@ -33,11 +33,11 @@ def main() -> int:
             for rounding in ("nearest", "stochastic"):
                 for scale_rounding in (("nearest", "up") if rounding == "stochastic" else ("nearest",)):
                     draws = 16 if rounding == "stochastic" else 1
-                    acc = torch.zeros_like(x, dtype=torch.float64)
-                    for s in range(draws):
-                        q = nvfp4.quantize(x, tile=tile, rounding=rounding, hadamard=rht, seed=s,
-                                           scale_rounding=scale_rounding).dequantize()
-                        first = q if s == 0 else first
+                    qs = (nvfp4.quantize(x, tile=tile, rounding=rounding, hadamard=rht, seed=s,
+                                         scale_rounding=scale_rounding).dequantize() for s in range(draws))
+                    first = next(qs)
+                    acc = first.double()
+                    for q in qs:
                         acc += q.double()
                     mean = acc / draws
                     bias = ((mean - ref.double()) * ref.double()).sum() / ref.double().pow(2).sum()
