@@ -17,3 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine, and OpenMP threads spinning against each other made some tests 6x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/*.json from this run (only when a numerics change is intended)")
