@@ -148,7 +148,7 @@ def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[s
                       "max_gap_step": worst, "max_gap": gaps.get(worst) if worst else None,
                       "wall_seconds": seconds.get(v)}
     base = results["bf16"]
-    for v, r in results.items():
+    for r in results.values():
         r["gap_to_bf16"] = (r["final_loss"] - base["final_loss"]) / base["final_loss"]
         if r["eval_loss"] is not None and base["eval_loss"]:
             r["eval_gap_to_bf16"] = (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
@@ -188,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {}
     if not args.report_only:
         if args.preset == "cpu":  # prepare the corpus once, not in two concurrent runs
-            from launch.config import parse_run_config
-
             from data_pipeline import prepare_embedded_corpus
+            from launch.config import parse_run_config
 
             emb = parse_run_config(REPO / preset["config"]).embedded
             prepare_embedded_corpus(REPO / emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction)

@@ -32,6 +32,6 @@ def test_nvfp4_loss_curve_matches_the_golden_curve_exactly(tmp_path, request):
     if request.config.getoption("--update-golden"):
         path.write_text(json.dumps({"steps": list(range(1, 13)), "losses": got}, indent=1) + "\n")
     golden = json.loads(path.read_text())["losses"]
-    assert got == golden, "\n".join(f"step {i + 1}: {g!r} vs golden {e!r}" for i, (g, e) in enumerate(zip(got, golden))
-                                    if g != e)
+    diffs = [f"step {i + 1}: {g!r} vs golden {e!r}" for i, (g, e) in enumerate(zip(got, golden, strict=True)) if g != e]
+    assert got == golden, "\n".join(diffs)
     assert got[-1] < got[0]
