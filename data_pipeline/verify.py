@@ -1,7 +1,7 @@
 """Full integrity check of a prepared dataset: every shard's size and SHA-256 against its manifest.
 
-Why separate from the loader: the loader only checks what it can check for free (sizes and the CRC
-table at open, each chunk's CRC on first touch), so that open -> first batch stays in milliseconds.
+Why separate from the loader: the loader only checks what it can check for free (sizes and the chunk-hash
+table at open, each chunk's hash on first touch), so that open -> first batch stays in milliseconds.
 This reads every byte once, which is what you want after copying a dataset, before a long run, or in
 a cron job over a shared filesystem (`ds-fp4-data verify DIR`).
 """
