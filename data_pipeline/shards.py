@@ -66,7 +66,8 @@ class ShardEntry:
 
 def _hash_table(tokens: np.ndarray, chunk_bytes: int) -> str:
     raw = memoryview(tokens).cast("B")
-    return "".join(f"{xxhash.xxh3_64_intdigest(raw[i : i + chunk_bytes]):016x}" for i in range(0, len(raw), chunk_bytes))
+    digests = (xxhash.xxh3_64_intdigest(raw[i : i + chunk_bytes]) for i in range(0, len(raw), chunk_bytes))
+    return "".join(f"{d:016x}" for d in digests)
 
 
 def encode_shard(tokens: np.ndarray, doc_offsets: np.ndarray, vocab_size: int, path: str) -> tuple[bytes, ShardEntry]:
