@@ -42,6 +42,11 @@ MASK64 = (1 << 64) - 1
 _DIGEST_WEIGHTS: dict[int, torch.Tensor] = {}
 
 
+def wrap_int64(x: int) -> int:
+    """x modulo 2^64, as a signed int64 (what torch's int64 sums wrap to)."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
 def sample_digest(batch: torch.Tensor) -> int:
     """Sum over samples of a position-weighted hash of their tokens (mod 2^64, order-independent)."""
     n = batch.shape[1]
@@ -202,7 +207,7 @@ class Trainer:
         micro_steps = engine.gradient_accumulation_steps()
         for micro in range(micro_steps):
             batch = next(self.loader)
-            digest += sample_digest(batch)
+            digest = wrap_int64(digest + sample_digest(batch))
             if want_stats and micro == 0:
                 with collect_stats(engine.module) as figures:
                     loss = self._backward(batch)

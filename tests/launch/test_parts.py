@@ -75,3 +75,17 @@ def test_launcher_variables_win_and_mpirun_is_mapped():
 def test_first_host_without_scontrol_parses_the_nodelist(nodelist, host, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol here: the fallback parser answers
     assert first_host(nodelist) == host
+
+
+def test_batch_digest_wraps_like_int64_and_ignores_how_the_batch_is_split():
+    import torch
+
+    from launch.trainer import sample_digest, wrap_int64
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 50000, (8, 65), generator=g)
+    whole = sample_digest(batch)
+    halves = wrap_int64(sample_digest(batch[:4]) + sample_digest(batch[4:]))
+    assert halves == whole
+    assert wrap_int64(2**63) == -(2**63) and wrap_int64(-(2**63) - 1) == 2**63 - 1
+    assert torch.tensor([halves], dtype=torch.int64).item() == whole  # always fits the all-reduce tensor
