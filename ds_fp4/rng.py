@@ -57,9 +57,10 @@ def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int) ->
 
 def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
     """Map uint32 words (held in int64) to fp32 uniforms in [0, 1), as ``tl.rand`` does."""
-    # As int32, a word w >= 2**31 is negative and tl.rand maps it to ~w; on the unsigned value that is
-    # w ^ 0xFFFFFFFF. Either way the result lies in [0, 2**31 - 1].
-    nonneg = words ^ ((words >> 31) * _MASK32)
+    # tl.rand reinterprets a word as int32 and maps a negative x to ~x; x ^ (x >> 31) does exactly that
+    # (the arithmetic shift is -1 for negatives, 0 otherwise). Working in int32 halves the traffic.
+    as_int32 = words.to(torch.int32)  # keeps the low 32 bits: the word's int32 bit pattern
+    nonneg = as_int32 ^ (as_int32 >> 31)  # [0, 2**31 - 1]
     return nonneg.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=words.device)
 
 
