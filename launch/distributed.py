@@ -4,16 +4,25 @@ The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK / MAST
 Under ``srun`` only Slurm's variables exist, so they are mapped here: RANK = SLURM_PROCID,
 WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the first host of the allocation
 (``scontrol show hostnames``), and MASTER_PORT is derived from the job id so that two jobs sharing a
-node do not collide (DeepSpeed's own MPI discovery always picks 29500). Under ``mpirun`` without Slurm,
-Open MPI's OMPI_COMM_WORLD_* variables are mapped the same way; MASTER_ADDR must then be exported
-(``mpirun -x MASTER_ADDR``), or DeepSpeed's mpi4py discovery (the ``mpi`` extra) finds it.
+node do not collide (DeepSpeed's own MPI discovery always picks 29500).
+
+MPI launchers (``mpirun``, ``srun --mpi=pmix``) are asked through mpi4py (the ``mpi`` extra) when it is
+installed: one MPI_Init, rank / size / node-local rank from COMM_WORLD, rank 0's host name and port
+broadcast, MPI_Finalize. MPI's only job is this discovery; training talks gloo/NCCL. Without mpi4py,
+Open MPI's OMPI_COMM_WORLD_* variables are mapped instead, and MASTER_ADDR is the first host of the
+Slurm allocation or must be exported (``mpirun -x MASTER_ADDR``).
+Order matters: ``mpirun`` inside an sbatch allocation inherits the batch step's SLURM_PROCID=0 on
+every rank, so Open MPI's variables are read before Slurm's. ``srun --mpi=pmix`` is recognised by
+PMIX_RANK; with ``--mpi=none`` (slurm/train.sbatch's default) MPI is never initialised.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,23 +50,80 @@ def first_host(nodelist: str) -> str:
     return m.group(1) + m.group(2) if m else head
 
 
-def map_launcher_env(env: dict[str, str] | None = None) -> str:
-    """Fill the torch.distributed variables from Slurm or Open MPI; returns the launcher's name."""
+# (rank, world size, local rank, MASTER_ADDR, MASTER_PORT) as strings, or None when MPI cannot be started.
+Discovery = Callable[[dict], "tuple[str, str, str, str, str] | None"]
+
+
+def mpi_discovery(env: dict[str, str]) -> tuple[str, str, str, str, str] | None:
+    """Ask MPI through mpi4py: rank, size, node-local rank; rank 0's host and port, broadcast to all.
+
+    Returns None when mpi4py or an MPI library is missing. An MPI that cannot reach its launcher's PMI
+    (e.g. Open MPI under ``srun --mpi=pmi2`` or ``--mpi=none``) aborts in MPI_Init: use ``--mpi=pmix``.
+    """
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False  # MPI is started and stopped here, not at import / exit
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI
+    except Exception:  # ImportError, or RuntimeError when libmpi is not installed
+        return None
+    started = not MPI.Is_initialized()
+    if started:
+        MPI.Init()
+    try:
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        local_rank = node.Get_rank()
+        node.Free()
+        addr = port = None
+        if rank == 0:
+            addr = env.get("MASTER_ADDR") or socket.gethostname()
+            port = env.get("MASTER_PORT") or str(port_for_job(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env
+                                                 else _free_port())
+        addr, port = comm.bcast((addr, port), root=0)
+    finally:
+        if started:
+            MPI.Finalize()
+    return str(rank), str(world), str(local_rank), addr, port
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def map_launcher_env(env: dict[str, str] | None = None, discover: Discovery | None = None) -> str:
+    """Fill the torch.distributed variables from the launcher; returns the launcher's name.
+
+    ``discover`` (init passes mpi_discovery) is asked first under an MPI launcher; the environment
+    mapping below is the fallback when it returns None."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torchrun/deepspeed"
+    mpi = "mpirun" if "OMPI_COMM_WORLD_RANK" in env else "srun --mpi=pmix" if "PMIX_RANK" in env else None
+    found = discover(env) if mpi and discover is not None else None
+    if found is not None:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = found[:3]
+        env.setdefault("MASTER_ADDR", found[3])
+        env.setdefault("MASTER_PORT", found[4])
+        return f"{mpi} (mpi4py)"
+    if "OMPI_COMM_WORLD_RANK" in env:  # before Slurm's: mpirun in an allocation inherits SLURM_PROCID=0
+        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:  # mpirun puts rank 0 on the first node
+            env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+        if "MASTER_ADDR" in env:
+            env.setdefault("MASTER_PORT", str(port_for_job(env.get("SLURM_JOB_ID", os.getppid()))))
+        return "mpirun"
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))))
         env.setdefault("MASTER_PORT", str(port_for_job(env.get("SLURM_JOB_ID", "0"))))
         return "slurm"
-    if "OMPI_COMM_WORLD_RANK" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
-        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
-        if "MASTER_ADDR" in env:
-            env.setdefault("MASTER_PORT", str(port_for_job(env.get("SLURM_JOB_ID", os.getppid()))))
-        return "mpirun"
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
@@ -74,7 +140,7 @@ def init() -> str:
     from ds_fp4 import seams
 
     seams.disable_cpu_shm_comm()
-    launcher = map_launcher_env()
+    launcher = map_launcher_env(discover=mpi_discovery)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = get_accelerator().communication_backend_name()
@@ -84,6 +150,9 @@ def init() -> str:
     port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else None
     kwargs = {"distributed_port": port} if port else {}
     deepspeed.init_distributed(dist_backend=backend, **kwargs)  # keeps an existing group
+    if dist.get_rank() == 0:
+        print(f"distributed: {launcher}, {dist.get_world_size()} ranks, {backend} via "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
     return launcher
 
 
