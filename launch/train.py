@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = parse_run_config(args.deepspeed_config, args.set)  # fail on a bad config before starting ranks
 
-    from launch.trainer import Trainer
+    from launch.trainer import Trainer, install_signal_handlers
 
+    install_signal_handlers()  # before the slow start-up: a preemption signal now is not fatal
     distributed.init()
     trainer = Trainer(cfg)
     try:

@@ -37,6 +37,18 @@ from .metrics import Throughput, model_flops_per_token, peak_flops, wsd_lambda
 
 EXIT_OK, EXIT_PREEMPTED, EXIT_DIVERGED = 0, 75, 65
 MASK64 = (1 << 64) - 1
+_received: list[str] = []  # names of the preemption signals received so far
+
+
+def _on_signal(signum, frame) -> None:
+    _received.append(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    """SIGUSR1 / SIGTERM: checkpoint at the next step boundary and exit 75. Installed before anything
+    slow starts (the process group, the data, the engine), so an early signal is not fatal."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
 
 
 _DIGEST_WEIGHTS: dict[int, torch.Tensor] = {}
@@ -87,7 +99,6 @@ class Trainer:
         self.tokens = 0
         self.skips_in_a_row = 0
         self.skips_total = 0
-        self._signal: str | None = None
         self.engine = None
         self.loader = None
 
@@ -181,9 +192,6 @@ class Trainer:
         (self.out / "model" / "data.json").write_text(json.dumps(meta, indent=1))
 
     # The loop ----------------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signal.Signals(signum).name
-
     def _anyone(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -263,8 +271,12 @@ class Trainer:
 
     def fit(self) -> int:
         cfg, t = self.cfg, self.cfg.trainer
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        install_signal_handlers()  # no-op if train.main already did; keeps Trainer usable on its own
+        if self.step >= self.total_steps:
+            if self.rank == 0:
+                print(f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}", flush=True)
+            return EXIT_OK
+        loss = float("nan")
         tokens_per_step = cfg.global_batch * self.dataset.seq_len
         bar = None
         if self.rank == 0 and t.progress:
@@ -305,10 +317,11 @@ class Trainer:
                 bar.update(1)
             if self.eval_loader is not None and self.step % t.eval_interval == 0:
                 self._log([("eval/loss", self.evaluate(), self.step)])
-            if self._anyone(self._signal is not None):
+            if self._anyone(bool(_received)):
                 self.save()
                 if self.rank == 0:
-                    print(f"preempted ({self._signal or 'signal on another rank'}): checkpoint saved at step "
+                    why = _received[0] if _received else "signal on another rank"
+                    print(f"preempted ({why}): checkpoint saved at step "
                           f"{self.step}, exiting with {EXIT_PREEMPTED}", flush=True)
                 return EXIT_PREEMPTED
             if t.save_interval and self.step % t.save_interval == 0 and self.step < self.total_steps:
