@@ -6,8 +6,13 @@ runs the compiled kernels instead.
 """
 
 import os
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # shared helpers: `import tiny_runs`
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,3 +27,13 @@ torch.set_num_threads(1)
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite tests/golden/*.json from this run (only when a numerics change is intended)")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The embedded stdlib corpus cut to its first 120 files (a few seconds), for runs of the trainer."""
+    from data_pipeline import prepare_embedded_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib"
+    prepare_embedded_corpus(out, vocab_size=1024, eval_fraction=0.05, max_files=120, progress=False)
+    return out

@@ -7,7 +7,6 @@ observable (a launcher would fold them into one).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from tiny_runs import DEMO, REPO, steps, write_config  # noqa: F401  (re-exported for the tests here)
 
-REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
-DEMO = REPO / "configs" / "demo-cpu.json"
 
 
 def free_port() -> int:
@@ -91,15 +88,6 @@ def run(config: Path, world: int, overrides: list[str] = (), expect: int | None 
     return ranks
 
 
-def steps(out_dir: Path) -> dict[int, dict]:
-    """steps.jsonl as {step: row}; a step logged twice (before a crash and after the resume) keeps the last."""
-    rows = {}
-    for line in (out_dir / "steps.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
-
-
 def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -107,31 +95,3 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded stdlib corpus, cut to its first 120 files: prepared once for all trainer tests."""
-    from data_pipeline import prepare_embedded_corpus
-
-    out = tmp_path_factory.mktemp("corpus") / "stdlib"
-    prepare_embedded_corpus(out, vocab_size=1024, eval_fraction=0.05, max_files=120, progress=False)
-    return out
-
-
-def write_config(path: Path, corpus: Path, **sections) -> Path:
-    """The demo config with a smaller model, the test corpus, and section overrides merged in."""
-    cfg = json.loads(DEMO.read_text())
-    cfg["model"]["config"].update({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
-                                   "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64})
-    cfg["data"] = {"sources": [str(corpus)], "seq_len": 64, "seed": 7}
-    cfg["trainer"].update({"out_dir": str(path.parent / "run"), "max_steps": 8, "save_interval": 4,
-                           "eval_interval": 0, "log_interval": 1, "progress": False, "warmup_steps": 2})
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-            cfg[section].update(values)
-        else:
-            cfg[section] = values
-    path.write_text(json.dumps(cfg, indent=1))
-    return path

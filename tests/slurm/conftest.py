@@ -11,7 +11,6 @@ The daemons' logs are attached to every failing test of this folder.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -20,12 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_runs
+from tiny_runs import steps  # noqa: F401  (re-exported for the tests here)
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "train.sbatch"
 SUBMIT = REPO / "slurm" / "submit.sh"
 CLUSTER = Path(__file__).resolve().parent / "cluster.sh"
-DEMO = REPO / "configs" / "demo-cpu.json"
 STATE = Path(os.environ.get("SLURM_CI_DIR", "/tmp/ds_fp4-slurm"))
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # The test cluster's node: 2 CPUs, no GPU. These override train.sbatch's GPU-node #SBATCH lines.
@@ -75,28 +75,9 @@ def pytest_runtest_makereport(item, call):
 
 
 # Runs ------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded stdlib corpus, cut to its first 120 files (a few seconds)."""
-    from data_pipeline import prepare_embedded_corpus
-
-    out = tmp_path_factory.mktemp("corpus") / "stdlib"
-    prepare_embedded_corpus(out, vocab_size=1024, eval_fraction=0.05, max_files=120, progress=False)
-    return out
-
-
 def write_config(path: Path, corpus: Path, **trainer) -> Path:
-    """The demo config with a tiny model (~0.2 s/step on 2 CPU ranks), the test corpus and trainer overrides."""
-    cfg = json.loads(DEMO.read_text())
-    cfg["model"]["config"].update({"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
-                                   "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "max_position_embeddings": 64})
-    cfg["data"] = {"sources": [str(corpus)], "seq_len": 64, "seed": 7}
-    cfg["trainer"].update({"out_dir": str(path.parent / "run"), "max_steps": 16, "save_interval": 8,
-                           "eval_interval": 0, "log_interval": 1, "progress": False, "warmup_steps": 2})
-    cfg["trainer"].update(trainer)
-    path.write_text(json.dumps(cfg, indent=1))
-    return path
+    """The tiny test run (tests/support/tiny_runs.py) for 16 steps with a checkpoint at 8, plus overrides."""
+    return tiny_runs.write_config(path, corpus, trainer={"max_steps": 16, "save_interval": 8, **trainer})
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -161,14 +142,6 @@ def wait_job(job_id: str, timeout: float = 300) -> dict[str, str]:
 def log(config: Path, job_id: str) -> str:
     path = config.parent / f"job-{job_id}.out"
     return path.read_text() if path.exists() else f"(no {path})"
-
-
-def steps(out_dir: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (out_dir / "steps.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
 
 
 def wait_for_steps(out_dir: Path, n: int, job_id: str, timeout: float = 180) -> None:
