@@ -3,6 +3,7 @@
     python bench/convergence.py --preset cpu                  # ~30 min on a 2-core CPU machine
     python bench/convergence.py --preset gpu --gpus 8         # the 125M model on one GPU node
     python bench/convergence.py --preset cpu --report-only    # redo table + plot from finished runs
+    python bench/convergence.py --preset cpu --variants nvfp4 no_sr --seeds 1 2   # more stochastic-rounding draws
 
 Variants (the paper's ablations, §4-5):
     bf16        nothing converted: the baseline
@@ -44,7 +45,8 @@ VARIANTS = {
     "no_sr": ["nvfp4.preset=\"no_sr\""],
     "no_rht": ["nvfp4.preset=\"no_rht\""],
     "no_2d": ["nvfp4.preset=\"no_2d\""],
-    "all_fp4": ["nvfp4.preset=\"all_fp4\""],
+    # explicit, because the config's own keep_first/last_blocks override a preset's
+    "all_fp4": ["nvfp4.preset=\"paper\"", "nvfp4.keep_first_blocks=0", "nvfp4.keep_last_blocks=0"],
     "nvfp4_comm": ["nvfp4.preset=\"paper\"", "nvfp4.grad_comm=\"nvfp4\""],
 }
 MIN_RANKS = {"nvfp4_comm": 2}
@@ -56,8 +58,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def command(config: str, root: str, variant: str, extra: list[str]) -> list[str]:
-    sets = [*VARIANTS[variant], f"trainer.out_dir=\"{root}/{variant}\"", *extra]
+def run_name(variant: str, seed: int) -> str:
+    """Runs of one variant differ only in trainer.seed (the stochastic-rounding draws): nvfp4@seed1, ..."""
+    return variant if seed == 0 else f"{variant}@seed{seed}"
+
+
+def run_names(variants: list[str], seeds: list[int]) -> list[str]:
+    # bf16 has no stochastic part (no dropout, no rounding): every seed would repeat the same run.
+    return [run_name(v, s) for s in seeds for v in variants if not (s and v == "bf16")]
+
+
+def base_of(name: str) -> str:
+    return name.partition("@")[0]
+
+
+def command(config: str, root: str, name: str, extra: list[str]) -> list[str]:
+    variant, _, tag = name.partition("@")
+    seed = [f"trainer.seed={tag.removeprefix('seed')}"] if tag else []
+    sets = [*VARIANTS[variant], *seed, f"trainer.out_dir=\"{root}/{name}\"", *extra]
     return [sys.executable, "launch/train.py", "--deepspeed_config", config] + [a for s in sets for a in ("--set", s)]
 
 
@@ -79,7 +97,7 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
     if preset is PRESETS["gpu"]:
         ranks_of = {v: gpus or preset["ranks"] for v in variants}
     else:
-        ranks_of = {v: max(preset["ranks"], MIN_RANKS.get(v, 1)) for v in variants}
+        ranks_of = {v: max(preset["ranks"], MIN_RANKS.get(base_of(v), 1)) for v in variants}
     queue, running, seconds = list(variants), [], {}
     while queue or running:
         budget = parallel - sum(ranks_of[v] for v, _, _ in running)
@@ -124,51 +142,63 @@ def _ema(values: list[float], alpha: float = 0.9) -> list[float]:
 
 
 def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[str, float], tail: int = 20) -> dict:
+    """Table, results.json and loss.png over every finished run of ``variants`` (all seeds found)."""
     from launch.plot import plot, read_scalar
 
     preset = PRESETS[preset_name]
     root = REPO / preset["root"]
-    curves = {v: _steps(root / v) for v in variants if (root / v / "steps.jsonl").exists()}
-    if "bf16" not in curves:
+    names = sorted((d.name for d in root.iterdir() if (d / "steps.jsonl").exists() and base_of(d.name) in variants),
+                   key=lambda n: (variants.index(base_of(n)), n)) if root.is_dir() else []
+    if "bf16" not in names:
         raise SystemExit("the bf16 baseline has not run; it is the reference for every gap")
-    base_steps = dict(zip([s for s, _ in curves["bf16"]], _ema([v for _, v in curves["bf16"]]), strict=True))
-    results = {}
-    for v, pts in curves.items():
+    curves = {n: _steps(root / n) for n in names}
+    base_curve = dict(zip([s for s, _ in curves["bf16"]], _ema([v for _, v in curves["bf16"]]), strict=True))
+    runs = {}
+    for n, pts in curves.items():
         steps = [s for s, _ in pts]
         losses = [x for _, x in pts]
-        final = sum(losses[-tail:]) / len(losses[-tail:])
         smooth = dict(zip(steps, _ema(losses), strict=True))
-        gaps = {s: (smooth[s] - base_steps[s]) / base_steps[s] for s in steps if s in base_steps and s > 20}
+        gaps = {s: (smooth[s] - base_curve[s]) / base_curve[s] for s in steps if s in base_curve and s > 20}
         worst = max(gaps, key=gaps.get) if gaps else None
         try:
-            eval_loss = read_scalar(root / v, "eval/loss")[1][-1]
+            eval_loss = read_scalar(root / n, "eval/loss")[1][-1]
         except ValueError:
             eval_loss = None
-        results[v] = {"final_loss": final, "eval_loss": eval_loss, "steps": steps[-1],
-                      "max_gap_step": worst, "max_gap": gaps.get(worst) if worst else None,
-                      "wall_seconds": seconds.get(v)}
-    base = results["bf16"]
-    for r in results.values():
-        r["gap_to_bf16"] = (r["final_loss"] - base["final_loss"]) / base["final_loss"]
-        if r["eval_loss"] is not None and base["eval_loss"]:
-            r["eval_gap_to_bf16"] = (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
+        runs[n] = {"final_loss": sum(losses[-tail:]) / len(losses[-tail:]), "eval_loss": eval_loss,
+                   "steps": steps[-1], "max_gap_step": worst, "max_gap": gaps.get(worst) if worst else None,
+                   "wall_seconds": seconds.get(n)}
+    ref, ref_eval = runs["bf16"]["final_loss"], runs["bf16"]["eval_loss"]
+    results = {}
+    for v in [v for v in variants if any(base_of(n) == v for n in runs)]:
+        mine = [runs[n] for n in names if base_of(n) == v]
+        finals = [r["final_loss"] for r in mine]
+        evals = [r["eval_loss"] for r in mine if r["eval_loss"] is not None]
+        mean = sum(finals) / len(finals)
+        results[v] = {
+            "runs": {n: runs[n] for n in names if base_of(n) == v},
+            "seeds": len(finals), "final_loss": mean, "final_loss_min": min(finals), "final_loss_max": max(finals),
+            "gap_to_bf16": (mean - ref) / ref,
+            "gap_range": [(min(finals) - ref) / ref, (max(finals) - ref) / ref],
+            "eval_loss": sum(evals) / len(evals) if evals else None,
+            "eval_gap_to_bf16": ((sum(evals) / len(evals)) - ref_eval) / ref_eval if evals and ref_eval else None,
+            "max_gap": mine[0]["max_gap"], "max_gap_step": mine[0]["max_gap_step"],
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"| variant | final train loss (mean of last {tail} steps) | gap to BF16 | held-out loss | gap | "
-             "largest gap (EMA) at step |", "|---|---:|---:|---:|---:|---:|"]
-    for v in variants:
-        if v not in results:
-            continue
-        r = results[v]
+    lines = [f"| variant | runs | final train loss (mean of last {tail} steps) | gap to BF16 (range over runs) | "
+             "held-out loss | gap | largest gap (EMA, first run) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for v, r in results.items():
+        spread = (f" ({100 * r['gap_range'][0]:+.2f}% .. {100 * r['gap_range'][1]:+.2f}%)" if r["seeds"] > 1 else "")
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
-        evg = f"{100 * r['eval_gap_to_bf16']:+.2f}%" if r.get("eval_gap_to_bf16") is not None else "-"
-        worst = f"{100 * r['max_gap']:+.2f}% at {r['max_gap_step']}" if r["max_gap"] is not None else "-"
-        lines.append(f"| {v} | {r['final_loss']:.4f} | {100 * r['gap_to_bf16']:+.2f}% | {ev} | {evg} | {worst} |")
+        evg = f"{100 * r['eval_gap_to_bf16']:+.2f}%" if r["eval_gap_to_bf16"] is not None else "-"
+        worst = f"{100 * r['max_gap']:+.2f}% at step {r['max_gap_step']}" if r["max_gap"] is not None else "-"
+        lines.append(f"| {v} | {r['seeds']} | {r['final_loss']:.4f} | {100 * r['gap_to_bf16']:+.2f}%{spread} "
+                     f"| {ev} | {evg} | {worst} |")
     table = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps({"preset": preset_name, "config": preset["config"],
                                                       "results": results}, indent=1))
-    present = [v for v in variants if v in results]
-    plot([str(root / v) for v in present], str(out_dir / "loss.png"), smooth=0.9, labels=present)
+    first_runs = [v for v in results]  # seed 0 of each variant: the curves in the plot
+    plot([str(root / v) for v in first_runs], str(out_dir / "loss.png"), smooth=0.9, labels=first_runs)
     print(table)
     print(f"wrote {out_dir}/table.md, results.json, loss.png")
     return results
@@ -178,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="trainer.seed values: repeats of each stochastic variant, to measure the noise")
     p.add_argument("--parallel", type=int, default=2, help="ranks to run at once (CPU preset)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per run (GPU preset)")
     p.add_argument("--set", action="append", default=[], help="extra override for every variant")
@@ -193,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 
             emb = parse_run_config(REPO / preset["config"]).embedded
             prepare_embedded_corpus(REPO / emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction)
-        seconds = run_all(preset, args.variants, args.set, args.parallel, args.gpus)
-    report(args.preset, args.variants, Path(args.out or REPO / "docs" / "convergence" / args.preset), seconds)
+        seconds = run_all(preset, run_names(args.variants, args.seeds), args.set, args.parallel, args.gpus)
+    out = Path(args.out or REPO / "docs" / "convergence" / args.preset)
+    report(args.preset, list(VARIANTS), out, seconds)  # every finished run, not only this call's
     return 0
 
 
