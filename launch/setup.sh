@@ -37,11 +37,11 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -W ignore -c "import torch" 2>/dev/null; then
     echo "setup: installing $TORCH_SPEC (CPU build)"
     "$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
 fi
-torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+torch_version=$("$PY" -W ignore -c "import torch; print(torch.__version__)")
 constraints="$VENV/torch-constraint.txt"
 echo "torch==$torch_version" > "$constraints"
 echo "setup: torch $torch_version"
