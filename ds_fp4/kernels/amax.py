@@ -40,14 +40,7 @@ def _amax_kernel(x_ptr, amax_bits_ptr, M, K, stride_xm, stride_xk, HADAMARD: tl.
     if HADAMARD:
         # Blocks as 16-tuples, as in quantize_1x16.py, so the butterfly is elementwise.
         R: tl.constexpr = BM * G
-        r = tl.arange(0, R)
-        if ROW_CONTIG:
-            rows = tl.program_id(0) * BM + r // G
-            groups = tl.program_id(1) * G + r % G
-        else:
-            rows = tl.program_id(0) * BM + r % BM
-            groups = tl.program_id(1) * G + r // BM
-        ok = (rows < M) & (groups < K // 16)
+        rows, groups, ok = gr.program_groups(M, K, BM, G, ROW_CONTIG)
         x = gr.rht_group(gr.load_group(x_ptr, rows, groups, ok, stride_xm, stride_xk, R, ROW_CONTIG), SIGNS)
         tile_max = tl.max(gr.group_absmax(x), axis=0)
     else:

@@ -114,6 +114,23 @@ def group_absmax(t):
 
 
 @triton.jit
+def program_groups(M, K, BM: tl.constexpr, G: tl.constexpr, ROW_CONTIG: tl.constexpr):
+    """(rows, groups, in-bounds mask), each [BM * G]: the BM rows x G groups of 16 this program owns.
+
+    The index r walks along K first when rows are contiguous (vector loads), along M first otherwise
+    (then each of load_group's 16 loads coalesces along M).
+    """
+    r = tl.arange(0, BM * G)
+    if ROW_CONTIG:
+        rows = tl.program_id(0) * BM + r // G
+        groups = tl.program_id(1) * G + r % G
+    else:
+        rows = tl.program_id(0) * BM + r % BM
+        groups = tl.program_id(1) * G + r // BM
+    return rows, groups, (rows < M) & (groups < K // 16)
+
+
+@triton.jit
 def load_group(x_ptr, rows, groups, mask, stride_xm, stride_xk, R: tl.constexpr, ROW_CONTIG: tl.constexpr):
     """The 16 elements of each group (rows[r], 16 * groups[r] + i) as a 16-tuple of fp32 [R].
 

@@ -46,17 +46,8 @@ def _configs():
 def _quantize_1x16_kernel(x_ptr, data_ptr, scale_ptr, amax_bits_ptr, seed, M, K, stride_xm, stride_xk,
                           HADAMARD: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr,
                           ROW_CONTIG: tl.constexpr, SCALE_UP: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
-    # A program owns BM rows x G groups of 16; r enumerates them, along K first when rows are
-    # contiguous (vector loads), along M first otherwise (each of the 16 loads coalesces along M).
     R: tl.constexpr = BM * G
-    r = tl.arange(0, R)
-    if ROW_CONTIG:
-        rows = tl.program_id(0) * BM + r // G
-        groups = tl.program_id(1) * G + r % G
-    else:
-        rows = tl.program_id(0) * BM + r % BM
-        groups = tl.program_id(1) * G + r // BM
-    ok = (rows < M) & (groups < K // 16)
+    rows, groups, ok = gr.program_groups(M, K, BM, G, ROW_CONTIG)
     x = gr.load_group(x_ptr, rows, groups, ok, stride_xm, stride_xk, R, ROW_CONTIG)
     if HADAMARD:
         x = gr.rht_group(x, SIGNS)
