@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launch.config import parse_run_config  # noqa: E402
+
 PRESETS = {
     "cpu": {"config": "configs/convergence-cpu.json", "root": "runs/convergence-cpu", "ranks": 1},
     "gpu": {"config": "configs/convergence-gpu-125m.json", "root": "runs/convergence-gpu", "ranks": 8},
@@ -50,6 +52,7 @@ VARIANTS = {
     "nvfp4_comm": ["nvfp4.preset=\"paper\"", "nvfp4.grad_comm=\"nvfp4\""],
 }
 MIN_RANKS = {"nvfp4_comm": 2}
+DETERMINISTIC = {"bf16", "no_sr"}
 
 
 def _port() -> int:
@@ -64,8 +67,9 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def run_names(variants: list[str], seeds: list[int]) -> list[str]:
-    # bf16 has no stochastic part (no dropout, no rounding): every seed would repeat the same run.
-    return [run_name(v, s) for s in seeds for v in variants if not (s and v == "bf16")]
+    # bf16 and no_sr have no stochastic part (no dropout, no stochastic rounding; the Hadamard signs are
+    # fixed): another seed repeats the same run bit for bit (checked: no_sr@seed1 == no_sr).
+    return [run_name(v, s) for s in seeds for v in variants if not (s and v in DETERMINISTIC)]
 
 
 def base_of(name: str) -> str:
@@ -98,7 +102,11 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
         ranks_of = {v: gpus or preset["ranks"] for v in variants}
     else:
         ranks_of = {v: max(preset["ranks"], MIN_RANKS.get(base_of(v), 1)) for v in variants}
-    queue, running, seconds = list(variants), [], {}
+    max_steps = parse_run_config(REPO / preset["config"], extra).trainer.max_steps
+    done = [v for v in variants if _last_step(REPO / preset["root"] / v) >= max_steps]
+    if done:  # a finished run would only start up to say "nothing to do"
+        print(f"already finished ({max_steps} steps): {' '.join(done)}", flush=True)
+    queue, running, seconds = [v for v in variants if v not in done], [], {}
     while queue or running:
         budget = parallel - sum(ranks_of[v] for v, _, _ in running)
         while queue and (ranks_of[queue[0]] <= budget or not running):
@@ -125,6 +133,13 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
     return seconds
 
 
+def _last_step(run_dir: Path) -> int:
+    try:
+        return max(json.loads(line)["step"] for line in (run_dir / "steps.jsonl").read_text().splitlines())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def _steps(run_dir: Path) -> list[tuple[int, float]]:
     rows = {}
     for line in (run_dir / "steps.jsonl").read_text().splitlines():
@@ -133,17 +148,27 @@ def _steps(run_dir: Path) -> list[tuple[int, float]]:
     return sorted((s, v) for s, v in rows.items() if v is not None)
 
 
-def _ema(values: list[float], alpha: float = 0.9) -> list[float]:
-    out, acc = [], values[0]
-    for v in values:
-        acc = alpha * acc + (1 - alpha) * v
-        out.append(acc)
-    return out
+def _train_seconds(run_dir: Path) -> float | None:
+    """Training time summed over the logged intervals (tokens / tokens-per-second), so the gap of a run
+    that was stopped and resumed, and the start-up, do not count."""
+    from launch.plot import read_scalar
+
+    try:
+        steps, tokens = read_scalar(run_dir, "train/tokens")
+        rate = dict(zip(*read_scalar(run_dir, "train/tokens_per_s"), strict=True))
+    except ValueError:
+        return None
+    total, prev = 0.0, 0.0
+    for s, t in zip(steps, tokens, strict=True):
+        if rate.get(s):
+            total += (t - prev) / rate[s]
+        prev = t
+    return total
 
 
 def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[str, float], tail: int = 20) -> dict:
     """Table, results.json and loss.png over every finished run of ``variants`` (all seeds found)."""
-    from launch.plot import plot, read_scalar
+    from launch.plot import ema, plot, read_scalar
 
     preset = PRESETS[preset_name]
     root = REPO / preset["root"]
@@ -152,12 +177,17 @@ def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[s
     if "bf16" not in names:
         raise SystemExit("the bf16 baseline has not run; it is the reference for every gap")
     curves = {n: _steps(root / n) for n in names}
-    base_curve = dict(zip([s for s, _ in curves["bf16"]], _ema([v for _, v in curves["bf16"]]), strict=True))
+    horizon = curves["bf16"][-1][0]
+    for n in [n for n in names if curves[n][-1][0] < horizon]:
+        print(f"leaving out {n}: unfinished (step {curves[n][-1][0]} of {horizon}); run it again to finish it")
+        names.remove(n)
+        del curves[n]
+    base_curve = dict(zip([s for s, _ in curves["bf16"]], ema([v for _, v in curves["bf16"]], 0.9), strict=True))
     runs = {}
     for n, pts in curves.items():
         steps = [s for s, _ in pts]
         losses = [x for _, x in pts]
-        smooth = dict(zip(steps, _ema(losses), strict=True))
+        smooth = dict(zip(steps, ema(losses, 0.9), strict=True))
         gaps = {s: (smooth[s] - base_curve[s]) / base_curve[s] for s in steps if s in base_curve and s > 20}
         worst = max(gaps, key=gaps.get) if gaps else None
         try:
@@ -166,7 +196,7 @@ def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[s
             eval_loss = None
         runs[n] = {"final_loss": sum(losses[-tail:]) / len(losses[-tail:]), "eval_loss": eval_loss,
                    "steps": steps[-1], "max_gap_step": worst, "max_gap": gaps.get(worst) if worst else None,
-                   "wall_seconds": seconds.get(n)}
+                   "wall_seconds": seconds.get(n), "train_seconds": _train_seconds(root / n)}
     ref, ref_eval = runs["bf16"]["final_loss"], runs["bf16"]["eval_loss"]
     results = {}
     for v in [v for v in variants if any(base_of(n) == v for n in runs)]:
@@ -182,17 +212,21 @@ def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[s
             "eval_loss": sum(evals) / len(evals) if evals else None,
             "eval_gap_to_bf16": ((sum(evals) / len(evals)) - ref_eval) / ref_eval if evals and ref_eval else None,
             "max_gap": mine[0]["max_gap"], "max_gap_step": mine[0]["max_gap_step"],
+            "train_seconds": [r["train_seconds"] for r in mine],
         }
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"| variant | runs | final train loss (mean of last {tail} steps) | gap to BF16 (range over runs) | "
-             "held-out loss | gap | largest gap (EMA, first run) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "held-out loss | gap | largest gap (EMA, first run) | train time per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v, r in results.items():
         spread = (f" ({100 * r['gap_range'][0]:+.2f}% .. {100 * r['gap_range'][1]:+.2f}%)" if r["seeds"] > 1 else "")
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         evg = f"{100 * r['eval_gap_to_bf16']:+.2f}%" if r["eval_gap_to_bf16"] is not None else "-"
         worst = f"{100 * r['max_gap']:+.2f}% at step {r['max_gap_step']}" if r["max_gap"] is not None else "-"
+        secs = [x for x in r["train_seconds"] if x is not None]
+        took = f"{sum(secs) / len(secs) / 60:.1f} min" if secs else "-"
         lines.append(f"| {v} | {r['seeds']} | {r['final_loss']:.4f} | {100 * r['gap_to_bf16']:+.2f}%{spread} "
-                     f"| {ev} | {evg} | {worst} |")
+                     f"| {ev} | {evg} | {worst} | {took} |")
     table = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps({"preset": preset_name, "config": preset["config"],
@@ -221,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         if args.preset == "cpu":  # prepare the corpus once, not in two concurrent runs
             from data_pipeline import prepare_embedded_corpus
-            from launch.config import parse_run_config
 
             emb = parse_run_config(REPO / preset["config"]).embedded
             prepare_embedded_corpus(REPO / emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction)
