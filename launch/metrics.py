@@ -76,14 +76,19 @@ def peak_flops(configured_tflops: float | None) -> tuple[float, str]:
 
 
 class Throughput:
-    """Tokens per second over the steps since the last report."""
+    """Tokens per second over the steps since the last report (``report``), and since the start
+    (``overall``, for the progress bar, which must not see the window reset)."""
 
     def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.tokens = 0
+        self.t0 = self.start = time.perf_counter()
+        self.tokens = self.total = 0
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
+        self.total += tokens
+
+    def overall(self) -> float:
+        return self.total / max(time.perf_counter() - self.start, 1e-9)
 
     def report(self) -> float:
         now = time.perf_counter()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -312,8 +311,7 @@ class Trainer:
             elif figures:
                 self._log_health(figures)
             if bar is not None:
-                rate = speed.tokens / max(time.perf_counter() - speed.t0, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.overall():,.0f}")
                 bar.update(1)
             if self.eval_loader is not None and self.step % t.eval_interval == 0:
                 self._log([("eval/loss", self.evaluate(), self.step)])

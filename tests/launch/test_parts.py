@@ -8,7 +8,7 @@ import pytest
 
 from launch.checkpoint import COMPLETE, META, CheckpointManager
 from launch.distributed import first_host, map_launcher_env, port_for_job
-from launch.metrics import wsd_lambda
+from launch.metrics import Throughput, wsd_lambda
 
 
 def _fake_checkpoint(root, step, complete=True, world=2):
@@ -49,6 +49,18 @@ def test_wsd_schedule_warms_up_holds_and_decays():
     assert f(99) == pytest.approx(0.1)
     cos = wsd_lambda(100, 0, 0.2, "cosine", 0.0)
     assert cos(89) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 10 / 20)))
+
+
+def test_throughput_window_resets_but_the_overall_rate_does_not(monkeypatch):
+    clock = iter([0.0, 2.0, 4.0, 4.0])  # start, report, overall, (spare)
+    monkeypatch.setattr("launch.metrics.time.perf_counter", lambda: next(clock))
+    speed = Throughput()
+    speed.add(100)
+    speed.add(100)
+    assert speed.report() == 100.0  # 200 tokens in 2 s
+    assert speed.tokens == 0
+    speed.add(200)
+    assert speed.overall() == 100.0  # 400 tokens in 4 s: the progress bar's figure, never 0 after a report
 
 
 def test_slurm_variables_map_to_torch_distributed():
