@@ -7,7 +7,8 @@ each ZeRO stage moves gradients and ZeRO-3 weights:
   stage 1/2   DeepSpeedZeroOptimizer.allreduce_bucket               reduce-to-owner (reduce_scatter=true)
                                                                     or all-reduce of a bucket
               DeepSpeedZeroOptimizer.gradient_reduction_w_predivide all-reduce (reduce_scatter=false)
-  stage 3     stage3.reduce_scatter_coalesced                       gradient reduce-scatter
+  stage 3     DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads     marks the reduction as this optimizer's
+              stage3.reduce_scatter_coalesced                       gradient reduce-scatter
               partition_parameters._dist_allgather_fn               weight all-gather (weight_comm), used
               PartitionedParameterCoordinator.__all_gather_params_  only for NVFP4Linear weights
   CPU         comm.torch.build_shm_op                               turned off (disable_cpu_shm_comm)
@@ -39,6 +40,8 @@ SEAMS = (
     ("deepspeed.runtime.engine", "DeepSpeedEngine.allreduce_bucket"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.allreduce_bucket"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.gradient_reduction_w_predivide"),
+    ("deepspeed.runtime.zero.stage3",
+     "DeepSpeedZeroOptimizer_Stage3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"),
     ("deepspeed.runtime.zero.stage3", "reduce_scatter_coalesced"),
     ("deepspeed.runtime.zero.partition_parameters", "_dist_allgather_fn"),
     ("deepspeed.runtime.zero.partitioned_param_coordinator",
@@ -47,8 +50,9 @@ SEAMS = (
 
 _originals: dict[str, object] = {}
 _lock = threading.Lock()
-# Stage 3's module-level collectives have no `self`; the engine being built registers its state here.
-_stage3_grad_comm: comm.CommState | None = None
+# Stage 3's module-level collectives have no `self`: the optimizer (or coordinator) method that calls
+# them puts its CommState here for the duration of the call, so other engines stay on plain DeepSpeed.
+_grad_scatter = threading.local()
 _weight_gather = threading.local()
 
 
@@ -166,9 +170,18 @@ def _zero_reduction_w_predivide(self, tensor, communication_data_type):
     return work
 
 
+def _stage3_avg_scatter_grads(self, params_to_reduce, communication_data_type):
+    original = _originals["DeepSpeedZeroOptimizer_Stage3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"]
+    _grad_scatter.state = getattr(self, "_ds_fp4_comm", None)
+    try:
+        return original(self, params_to_reduce, communication_data_type)
+    finally:
+        _grad_scatter.state = None
+
+
 @torch.no_grad()
 def _reduce_scatter_coalesced(tensors, group=None):
-    state = _stage3_grad_comm
+    state = getattr(_grad_scatter, "state", None)
     if state is None:
         return _originals["reduce_scatter_coalesced"](tensors, group)
     world, me = dist.get_world_size(group), dist.get_rank(group)
@@ -233,6 +246,7 @@ _REPLACEMENTS = {
     "DeepSpeedEngine.allreduce_bucket": _engine_allreduce_bucket,
     "DeepSpeedZeroOptimizer.allreduce_bucket": _zero_allreduce_bucket,
     "DeepSpeedZeroOptimizer.gradient_reduction_w_predivide": _zero_reduction_w_predivide,
+    "DeepSpeedZeroOptimizer_Stage3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads": _stage3_avg_scatter_grads,
     "reduce_scatter_coalesced": _reduce_scatter_coalesced,
     "_dist_allgather_fn": _dist_allgather_fn,
     "PartitionedParameterCoordinator._PartitionedParameterCoordinator__all_gather_params_":
@@ -262,13 +276,11 @@ def installed() -> bool:
 
 def uninstall() -> None:
     """Restore DeepSpeed's originals (tests use this to compare against plain DeepSpeed)."""
-    global _stage3_grad_comm
     with _lock:
         for module_name, path in SEAMS:
             if path in _originals:
                 owner, leaf = _resolve(module_name, path)
                 setattr(owner, leaf, _originals.pop(path))
-        _stage3_grad_comm = None
 
 
 _SHM_SEAM = ("deepspeed.comm.torch", "build_shm_op")
@@ -292,15 +304,17 @@ def disable_cpu_shm_comm() -> None:
 
 
 def activate_grad_comm(engine, state: comm.CommState | None) -> None:
-    """Route this engine's gradient reduction through NVFP4 collectives (``state``), or not (None)."""
-    global _stage3_grad_comm
-    install()
+    """Route this engine's gradient reduction through NVFP4 collectives (``state``), or not (None).
+
+    With None nothing is patched (a DeepSpeed outside the supported range still trains uncompressed);
+    an engine whose seams were installed for another engine stays on DeepSpeed's own collectives.
+    """
+    if state is not None:
+        install()
     engine._ds_fp4_comm = state
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is not None:
         optimizer._ds_fp4_comm = state
-    if engine.zero_optimization_stage() == 3:
-        _stage3_grad_comm = state  # module-level collective: the newest stage-3 engine decides
 
 
 def activate_weight_comm(params, state: comm.CommState) -> int:

@@ -96,13 +96,18 @@ def scenario_train() -> dict:
 
 
 def scenario_plain() -> dict:
-    """The recipe disabled and grad_comm none must be plain DeepSpeed, bit for bit."""
+    """The recipe disabled and grad_comm none must be plain DeepSpeed, bit for bit. An NVFP4-communicating
+    engine of the same stage is built (and stepped) first and kept alive, so the seams are installed:
+    the engines built after it must not inherit its collectives."""
     import deepspeed
 
     import ds_fp4
 
-    out = {}
+    out, keep = {}, []
     for stage in (0, 1, 2, 3):
+        nvfp4, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(stage, {"grad_comm": "nvfp4"}))
+        train(nvfp4, 1)
+        keep.append(nvfp4)
         engine, *_ = deepspeed.initialize(model=mlp(), config=ds_config(stage, None))
         plain = train(engine, 8)
         engine, *_ = ds_fp4.initialize(model=mlp(), config=ds_config(stage, {"enabled": False, "grad_comm": "none"}))

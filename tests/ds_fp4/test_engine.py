@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ds_fp4
-from ds_fp4 import seams
+from ds_fp4 import comm, seams
 from ds_fp4.engine import NVFP4Config
 
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -200,3 +200,18 @@ def test_a_missing_seam_fails_loudly_with_the_supported_range(monkeypatch):
     with pytest.raises(seams.SeamError, match=r"reduce_scatter_coalesced.*Supported DeepSpeed: >=0.19,<0.20"):
         seams.install()
     assert not seams.installed()
+
+
+def test_without_nvfp4_comm_a_missing_seam_does_not_matter(monkeypatch):
+    """grad_comm "none" patches nothing, so it keeps working where a seam moved (the error's advice)."""
+    import types
+
+    from deepspeed.runtime.zero import stage3
+
+    monkeypatch.delattr(stage3, "reduce_scatter_coalesced")
+    engine = types.SimpleNamespace(optimizer=types.SimpleNamespace())
+    seams.activate_grad_comm(engine, None)
+    assert engine._ds_fp4_comm is None and engine.optimizer._ds_fp4_comm is None
+    assert not seams.installed()
+    with pytest.raises(seams.SeamError):
+        seams.activate_grad_comm(engine, comm.CommState(seed=0))
