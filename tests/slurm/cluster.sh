@@ -89,6 +89,7 @@ start() {
     install -d -o munge -g munge -m 755 /run/munge
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         su -s /bin/sh munge -c /usr/sbin/munged || fail "munged did not start"
+        cp /run/munge/munged.pid "$DIR/munged.pid"  # ours to stop; a munged found running is left alone
     fi
     slurmctld || fail "slurmctld did not start"
     slurmd -N localhost || fail "slurmd did not start"
@@ -105,11 +106,11 @@ start() {
 
 stop() {
     if command -v scancel >/dev/null && [ -f "$DIR/slurmctld.pid" ]; then
-        scancel --quiet --full "$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')" 2>/dev/null
+        squeue -h -o %i 2>/dev/null | xargs -r scancel --quiet --full 2>/dev/null || true  # one argument per id
         for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 1; done
     fi
     local pids=""
-    for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" /run/munge/munged.pid; do
+    for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munged.pid"; do
         [ -f "$f" ] && pids="$pids $(cat "$f")"
     done
     for pid in $pids; do kill "$pid" 2>/dev/null; done
