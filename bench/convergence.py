@@ -96,17 +96,29 @@ def start(cmd: list[str], ranks: int, log: Path) -> list[subprocess.Popen]:
     return procs
 
 
+def plan(preset: dict, variants: list[str], extra: list[str], gpus: int | None) -> tuple[list[str], dict[str, int]]:
+    """(the runs still to do, ranks of each run). A finished run is left out (it would only start up to
+    say "nothing to do"); so is nvfp4_comm on a single GPU, where there is nothing to communicate."""
+    on_gpu = preset is PRESETS["gpu"]
+    ranks_of = {v: (gpus or preset["ranks"]) if on_gpu else max(preset["ranks"], MIN_RANKS.get(base_of(v), 1))
+                for v in variants}
+    steps = parse_run_config(REPO / preset["config"], extra).total_steps()
+    done = [v for v in variants if _last_step(REPO / preset["root"] / v) >= steps]
+    if done:
+        print(f"already finished ({steps} steps): {' '.join(done)}", flush=True)
+    alone = [v for v in variants if ranks_of[v] < MIN_RANKS.get(base_of(v), 1)]
+    if alone:
+        print(f"skipped (needs {MIN_RANKS['nvfp4_comm']} ranks, got {gpus}): {' '.join(alone)}", flush=True)
+    return [v for v in variants if v not in done and v not in alone], ranks_of
+
+
 def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, gpus: int | None) -> dict[str, float]:
-    """Run every variant; returns wall seconds per variant."""
+    """Run every variant; returns wall seconds per variant. GPU runs go one at a time (each takes every
+    GPU it is given); CPU runs share `parallel` cores."""
+    todo, ranks_of = plan(preset, variants, extra, gpus)
     if preset is PRESETS["gpu"]:
-        ranks_of = {v: gpus or preset["ranks"] for v in variants}
-    else:
-        ranks_of = {v: max(preset["ranks"], MIN_RANKS.get(base_of(v), 1)) for v in variants}
-    max_steps = parse_run_config(REPO / preset["config"], extra).trainer.max_steps
-    done = [v for v in variants if _last_step(REPO / preset["root"] / v) >= max_steps]
-    if done:  # a finished run would only start up to say "nothing to do"
-        print(f"already finished ({max_steps} steps): {' '.join(done)}", flush=True)
-    queue, running, seconds = [v for v in variants if v not in done], [], {}
+        parallel = 0  # with `or not running` below: exactly one run at a time
+    queue, running, seconds = todo, [], {}
     while queue or running:
         budget = parallel - sum(ranks_of[v] for v, _, _ in running)
         while queue and (ranks_of[queue[0]] <= budget or not running):
@@ -114,7 +126,8 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
             cmd = command(preset["config"], preset["root"], v, extra)
             print(f"[{v}] {' '.join(shlex.quote(c) for c in cmd)}  (x{ranks_of[v]} ranks)", flush=True)
             if preset is PRESETS["gpu"]:
-                cmd = ["deepspeed", f"--num_gpus={ranks_of[v]}", *cmd[1:]]
+                cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={ranks_of[v]}",
+                       f"--master_port={_port()}", *cmd[1:]]
                 procs = [subprocess.Popen(cmd, cwd=REPO)]
             else:
                 procs = start(cmd, ranks_of[v], REPO / preset["root"] / "logs" / v)
@@ -228,6 +241,15 @@ def report(preset_name: str, variants: list[str], out_dir: Path, seconds: dict[s
         lines.append(f"| {v} | {r['seeds']} | {r['final_loss']:.4f} | {100 * r['gap_to_bf16']:+.2f}%{spread} "
                      f"| {ev} | {evg} | {worst} | {took} |")
     table = "\n".join(lines) + "\n"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    table += (f"\nProduced by `python bench/convergence.py --preset {preset_name}`; report written at commit "
+              f"{commit.stdout.strip() or 'unknown'}. Each run, from the repository root:\n\n```bash\n")
+    for n in names:
+        cmd = command(preset["config"], preset["root"], n, [])
+        ranks = max(preset["ranks"], MIN_RANKS.get(base_of(n), 1)) if preset_name == "cpu" else None
+        launch = [".venv/bin/python"] if ranks == 1 else [".venv/bin/deepspeed", f"--num_gpus={ranks or 'N'}"]
+        table += " ".join(shlex.quote(c) for c in [*launch, *cmd[1:]]) + "\n"
+    table += "```\n"
     (out_dir / "table.md").write_text(table)
     (out_dir / "results.json").write_text(json.dumps({"preset": preset_name, "config": preset["config"],
                                                       "results": results}, indent=1))
@@ -253,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     seconds = {}
     if not args.report_only:
-        if args.preset == "cpu":  # prepare the corpus once, not in two concurrent runs
+        emb = parse_run_config(REPO / preset["config"], args.set).embedded
+        if emb is not None:  # prepare the corpus once, not in concurrent runs
             from data_pipeline import prepare_embedded_corpus
 
-            emb = parse_run_config(REPO / preset["config"]).embedded
-            prepare_embedded_corpus(REPO / emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction)
+            prepare_embedded_corpus(REPO / emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction,
+                                    max_files=emb.max_files)
         seconds = run_all(preset, run_names(args.variants, args.seeds), args.set, args.parallel, args.gpus)
     out = Path(args.out or REPO / "docs" / "convergence" / args.preset)
     report(args.preset, list(VARIANTS), out, seconds)  # every finished run, not only this call's
