@@ -58,7 +58,10 @@ class TensorPolicy:
         if not isinstance(d, Mapping):
             raise ValueError(f"nvfp4.{role} must be an object with keys tile/rounding/hadamard; got {d!r}")
         _check_keys(f"nvfp4.{role}", d, [f.name for f in fields(cls)])
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"nvfp4.{role}: {e}") from None
 
 
 PRESETS = ("paper", "no_rht", "no_sr", "no_2d", "all_fp4", "bf16")

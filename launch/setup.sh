@@ -35,18 +35,22 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+pip_install() {  # pip's exit status survives the filter (pipefail); the filter drops a harmless warning
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored" || true; }
+}
+pip_install --upgrade pip || echo "setup: could not upgrade pip; going on with $("$PY" -m pip --version)"
 
 if ! "$PY" -W ignore -c "import torch" 2>/dev/null; then
     echo "setup: installing $TORCH_SPEC (CPU build)"
-    "$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
+    pip_install "$TORCH_SPEC" || { echo "setup: pip could not install $TORCH_SPEC" >&2; exit 1; }
 fi
 torch_version=$("$PY" -W ignore -c "import torch; print(torch.__version__)")
 constraints="$VENV/torch-constraint.txt"
 echo "torch==$torch_version" > "$constraints"
 echo "setup: torch $torch_version"
 
-"$PY" -m pip install -q -c "$constraints" -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+pip_install -c "$constraints" -e ".[$EXTRAS]" \
+    || { echo "setup: pip could not install .[$EXTRAS]; see its output above" >&2; exit 1; }
 "$PY" -c "import ds_fp4, data_pipeline, launch, deepspeed" 2>/dev/null \
     || { echo "setup: the install did not import; see pip's output above" >&2; exit 1; }
 echo "setup: ready ($VENV)"

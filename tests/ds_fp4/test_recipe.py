@@ -73,3 +73,8 @@ def test_unknown_keys_list_the_valid_ones():
         NVFP4Recipe.from_dict({"grad": {"round": "nearest"}})
     with pytest.raises(ValueError, match="unknown recipe preset 'fp8'"):
         NVFP4Recipe.from_dict({"preset": "fp8"})
+
+
+def test_a_bad_policy_value_names_its_role():
+    with pytest.raises(ValueError, match=r"nvfp4.grad: rounding must be one of"):
+        NVFP4Recipe.from_dict({"grad": {"rounding": "floor"}})
