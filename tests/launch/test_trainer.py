@@ -172,12 +172,14 @@ def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(corpus, tmp
     assert rows[9]["loss"] is None
 
 
-def test_export_round_trip_matches_the_checkpoint_logits(baseline, tmp_path):
+def test_export_round_trip_matches_the_trainers_logits(baseline, tmp_path):
+    """The exported HF model's logits equal those of the trainer's own model, resumed from the same
+    checkpoint by the Trainer (2 ranks, as it was trained), with its NVFP4 layers in high precision."""
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import ds_fp4
-
-    out, _ = baseline
+    out, ref_cfg = baseline
     ckpt = out / "checkpoints" / "step_00000008"
     hf = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "launch.export", str(ckpt), str(hf)], cwd=REPO, check=True,
@@ -185,26 +187,27 @@ def test_export_round_trip_matches_the_checkpoint_logits(baseline, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(hf)
     tok = AutoTokenizer.from_pretrained(hf)
     assert exported.dtype == torch.bfloat16  # trained in bf16
-    ids = torch.tensor([tok.encode("def main():\n    return 0\n")])
-    # The trainer's model: the checkpoint's module weights in a fresh, converted model.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ids = tok.encode("def main():\n    return 0\n")
 
-    from launch.trainer import fp32_buffers, restore_fp32_buffers
-
-    trained = AutoModelForCausalLM.from_config(exported.config)
-    buffers = fp32_buffers(trained)
-    trained = trained.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does ...
-    restore_fp32_buffers(trained, buffers)  # ... and what the trainer undoes for RoPE's constants
-    ds_fp4.convert_to_nvfp4(trained, ds_fp4.NVFP4Recipe.paper())
-    trained.load_state_dict({k: v.to(torch.bfloat16) for k, v in
-                             get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name).items()})
+    # The trainer's model: a copy of the run, resumed by the Trainer itself.
+    run_copy = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run_copy / "checkpoints")
+    cfg = json.loads(ref_cfg.read_text())
+    cfg["trainer"]["out_dir"] = str(run_copy)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    probe = tmp_path / "logits.pt"
+    os.environ.update(PROBE_IDS=json.dumps(ids), PROBE_OUT=str(probe))
+    try:
+        run(tmp_path / "cfg.json", 2, script=REPO / "tests" / "launch" / "trainer_logits.py")
+    finally:
+        del os.environ["PROBE_IDS"], os.environ["PROBE_OUT"]
+    trainer = torch.load(probe)
+    assert trainer["step"] == 8
     with torch.no_grad():
-        ds_fp4.set_nvfp4_active(trained, False)
-        assert torch.equal(exported(ids).logits, trained(ids).logits)
-        ds_fp4.set_nvfp4_active(trained, True)
-        fp4 = trained(ids).logits.float()
-    ref = exported(ids).logits.float()
-    assert 0 < (fp4 - ref).norm() / ref.norm() < 0.2  # NVFP4 forward: close, not equal
+        logits = exported(torch.tensor([ids])).logits
+    assert torch.equal(logits, trainer["high"])
+    rel = (trainer["nvfp4"].float() - logits.float()).norm() / logits.float().norm()
+    assert 0 < rel < 0.2  # the NVFP4 forward: close, not equal
 
 
 def test_bf16_tail_switches_nvfp4_off_for_the_last_tokens(corpus, tmp_path):
