@@ -145,3 +145,25 @@ def test_nvfp4_linear_triton_matches_torch(dtype):
     for got, ref in zip(results["triton"], results["torch"], strict=True):
         assert got.dtype == ref.dtype and got.shape == ref.shape
         torch.testing.assert_close(got, ref, **tol)
+
+
+def test_nvfp4_linear_forward_and_backward_compile_with_torch_compile():
+    """The whole layer (its autograd Function, the three quantized GEMMs) in one fullgraph graph."""
+    from ds_fp4.linear import NVFP4Linear
+    from ds_fp4.recipe import NVFP4Recipe
+
+    torch.manual_seed(0)
+    layer = NVFP4Linear.from_float(nn.Linear(64, 48), recipe=NVFP4Recipe(backend="triton")).to(DEVICE)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 16, 64, device=DEVICE)
+    dy = torch.randn(2, 16, 48, device=DEVICE)
+    results = []
+    for module in (layer, compiled):
+        torch.manual_seed(1)  # the stochastic-rounding seeds of this step
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        y = module(xi)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for got, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
