@@ -117,6 +117,50 @@ def scenario_plain() -> dict:
     return out
 
 
+def scenario_weight_gather() -> dict:
+    """ZeRO-3 with weight_comm: what the forward sees, what a checkpoint gather sees, per NVFP4 layer.
+    Run on 3 ranks, so the shards (ceil(numel / 3) elements) do not line up with 16-element blocks."""
+    import deepspeed
+
+    import ds_fp4
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    nv = {"grad_comm": "nvfp4", "weight_comm": "nvfp4", "keep_first_blocks": 0, "keep_last_blocks": 0}
+    cfg = ds_config(3, nv, stage3_param_persistence_threshold=0)
+    cfg["train_batch_size"] = 8 * world
+    engine, *_ = ds_fp4.initialize(model=mlp(), config=cfg)
+    seen = {}
+
+    def grab(name):
+        def hook(module, args):
+            seen[name] = module.weight.detach().clone().float()
+        return hook
+
+    for m in engine.nvfp4.layers.values():  # DeepSpeed leaves partition tails uninitialized (torch.empty):
+        tail = m.weight.ds_tensor.view(-1)      # make them as bad as that can be, every time
+        valid = min(max(m.weight.ds_numel - rank * tail.numel(), 0), tail.numel())
+        tail[valid:] = 1e30
+    handles = [m.register_forward_pre_hook(grab(n)) for n, m in engine.nvfp4.layers.items()]
+    with torch.no_grad():
+        engine(task(rank, 0)[0])
+    for h in handles:
+        h.remove()
+    out = {}
+    for name, m in engine.nvfp4.layers.items():
+        shard = m.weight.ds_tensor.detach().float()
+        parts = [torch.empty_like(shard) for _ in range(world)]
+        dist.all_gather(parts, shard)  # plain fp32 all-gather of the partitions: the exact weight
+        exact = torch.cat(parts)[: m.weight.ds_numel].view(m.weight.ds_shape)
+        with deepspeed.zero.GatheredParameters([m.weight]):  # what save_checkpoint / export gather
+            gathered = m.weight.detach().clone().float()
+        out[name] = {"shard_numel": shard.numel(), "checkpoint_gather_exact": torch.equal(gathered, exact),
+                     "forward_rel_error": ((seen[name] - exact).norm() / exact.norm()).item()}
+    out["losses"] = train(engine, 4)
+    out["stats"] = engine.nvfp4.comm_stats()
+    out["digest"] = digest(full_params(engine))
+    return out
+
+
 def scenario_unbiased() -> dict:
     """Repeat one step many times (Adam with lr 0 keeps the weights fixed) and collect the reduced gradient."""
     from deepspeed.utils import safe_get_full_grad
