@@ -84,6 +84,15 @@ class NVFP4EngineState:
     comm: comm.CommState
     layers: dict[str, NVFP4Linear]
 
+    def set_comm_active(self, engine, active: bool) -> None:
+        """NVFP4 communication as configured (True), or DeepSpeed's own collectives (False), e.g. for a
+        BF16 tail (paper App. D) where the whole model, its gradient traffic included, runs in BF16."""
+        seams.activate_grad_comm(engine, self.comm if active and self.config.grad_comm == "nvfp4" else None)
+        weight = self.comm if active and self.config.weight_comm == "nvfp4" else None
+        for m in self.layers.values():
+            if hasattr(m.weight, "_ds_fp4_weight_comm"):
+                m.weight._ds_fp4_weight_comm = weight
+
     def comm_stats(self, reset: bool = True) -> dict[str, float]:
         """Bytes sent through NVFP4 collectives since the last call, and the uncompressed equivalents."""
         out = {}

@@ -336,9 +336,10 @@ class Trainer:
         if not any(m.nvfp4_active for m in layers):
             return False
         ds_fp4.set_nvfp4_active(self.engine.module, False)
+        self.engine.nvfp4.set_comm_active(self.engine, False)
         if self.rank == 0:
-            print(f"step {self.step}: switching all NVFP4 layers to high precision for the last "
-                  f"{self.cfg.trainer.bf16_tail_fraction:.0%} of training", flush=True)
+            print(f"step {self.step}: switching all NVFP4 layers and communication to high precision for the "
+                  f"last {self.cfg.trainer.bf16_tail_fraction:.0%} of training", flush=True)
         return True
 
     def save(self) -> None:

@@ -210,8 +210,17 @@ def test_export_round_trip_matches_the_trainers_logits(baseline, tmp_path):
     assert 0 < rel < 0.2  # the NVFP4 forward: close, not equal
 
 
-def test_bf16_tail_switches_nvfp4_off_for_the_last_tokens(corpus, tmp_path):
+def test_bf16_tail_switches_nvfp4_off_for_the_last_tokens_and_old_checkpoints_are_pruned(corpus, tmp_path):
+    from launch.plot import read_scalar
+
     cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 4, "bf16_tail_fraction": 0.5,
-                                                                "save_interval": 0})
+                                                                "save_interval": 1, "keep_checkpoints": 2})
     ranks = run(cfg, 2)
-    assert "step 2: switching all NVFP4 layers to high precision" in ranks.output()
+    assert "step 2: switching all NVFP4 layers and communication to high precision" in ranks.output()
+    run_dir = tmp_path / "run"
+    sent_steps, sent = read_scalar(run_dir, "comm/grad_bytes_sent")
+    assert sent_steps == [1, 2] and min(sent) > 0  # steps 3 and 4 send nothing through NVFP4 collectives
+    assert read_scalar(run_dir, "nvfp4/bf16_tail_started")[0] == [2]
+    # save_interval 1: checkpoints at steps 1-4, of which the last 2 are kept.
+    kept = sorted(d.name for d in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000003", "step_00000004"]
