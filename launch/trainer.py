@@ -225,7 +225,7 @@ class Trainer:
             if micro == micro_steps - 1:
                 bad |= self._plain_grads_nonfinite()
                 totals = torch.tensor([loss_sum if math.isfinite(loss_sum) else 0.0, float(micro_steps),
-                                       float(bad)], dtype=torch.float64)
+                                       float(bad), float(not math.isfinite(loss_sum))], dtype=torch.float64)
                 digests = torch.tensor([digest], dtype=torch.int64)
                 dist.all_reduce(totals)
                 dist.all_reduce(digests)
@@ -234,9 +234,12 @@ class Trainer:
                     for p in engine.module.parameters():
                         p.grad = None  # a plain torch optimizer skips parameters without gradients
             engine.step()
-        if bad and not self._plain_optimizer() and engine.was_step_applied():
-            raise RuntimeError("a non-finite step was applied by DeepSpeed; refusing to continue")
-        mean = float("nan") if bad else (totals[0] / totals[1]).item()
+        if not self._plain_optimizer():
+            if bad and engine.was_step_applied():
+                raise RuntimeError("a non-finite step was applied by DeepSpeed; refusing to continue")
+            # A finite loss with a non-finite gradient: DeepSpeed's optimizers find it and skip the step.
+            bad = bad or not engine.was_step_applied()
+        mean = float("nan") if totals[3] > 0 else (totals[0] / totals[1]).item()
         return mean, not bad, figures, int(digests.item())
 
     def _backward(self, batch: torch.Tensor) -> float:

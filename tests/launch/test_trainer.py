@@ -172,6 +172,49 @@ def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(corpus, tmp
     assert rows[9]["loss"] is None
 
 
+INF_GRAD_SCRIPT = """
+import math, sys
+sys.path.insert(0, {repo!r})
+import torch
+from launch import trainer, train
+BAD = set({bad!r})
+
+class InfGrad(torch.autograd.Function):  # the loss stays finite, every gradient becomes inf or nan
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
+
+original = trainer.Trainer._micro_loss
+def poisoned(self, batch):
+    loss = original(self, batch)
+    return InfGrad.apply(loss) if self.step in BAD and self.rank == 0 else loss
+trainer.Trainer._micro_loss = poisoned
+sys.exit(train.main())
+"""
+
+
+def test_a_finite_loss_with_non_finite_gradients_on_one_rank_is_skipped_and_changes_nothing(corpus, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    script = tmp_path / "inf_grad_train.py"
+    script.write_text(INF_GRAD_SCRIPT.format(repo=str(REPO), bad=[2]))
+    cfg = write_config(tmp_path / "cfg.json", corpus, trainer={"max_steps": 6, "save_interval": 1,
+                                                                "keep_checkpoints": 6})
+    run(cfg, 2, script=script)
+    rows = steps(tmp_path / "run")
+    assert [rows[s]["applied"] for s in (1, 2, 3, 4)] == [True, True, False, True]
+    assert rows[3]["loss"] is not None  # the loss itself was finite
+    ckpts = tmp_path / "run" / "checkpoints"
+    before, after, later = (get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag=f"step_0000000{s}")
+                            for s in (2, 3, 4))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step applied nothing
+    assert not all(torch.equal(after[k], later[k]) for k in after)  # and the next one trains again
+
+
 def test_export_round_trip_matches_the_trainers_logits(baseline, tmp_path):
     """The exported HF model's logits equal those of the trainer's own model, resumed from the same
     checkpoint by the Trainer (2 ranks, as it was trained), with its NVFP4 layers in high precision."""
