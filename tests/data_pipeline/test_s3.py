@@ -19,15 +19,15 @@ def s3():
     """(endpoint query string, pyarrow S3FileSystem) of a moto server on 127.0.0.1, bucket 'bkt'."""
     try:
         from moto.server import ThreadedMotoServer
-    except ImportError as exc:  # pragma: no cover - moto is a dev dependency
-        pytest.skip(f"moto[server] is not installed ({exc}); pip install 'moto[server]'")
+    except ImportError as exc:  # pragma: no cover - moto is a dev dependency: its absence is a failure
+        pytest.fail(f"moto[server] is not installed ({exc}); pip install -e '.[dev]'")
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     try:
         server.start()
     except Exception as exc:  # pragma: no cover
-        pytest.skip(f"moto server could not start on loopback: {exc}")
+        pytest.fail(f"moto server could not start on loopback: {exc}")
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
