@@ -61,6 +61,20 @@ def test_checkpoints_are_complete_pruned_and_pointed_to(baseline):
     assert meta["step"] == 8 and meta["dp_world_size"] == 2 and meta["data"] == {"samples_consumed": 8 * 16}
 
 
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from launch import trainer, train
+original = trainer.Trainer.train_step
+def train_step(self):
+    if self.step == {at} and self.rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a crashed node
+    return original(self)
+trainer.Trainer.train_step = train_step
+sys.exit(train.main())
+"""
+
+
 def test_kill_9_then_restart_repeats_the_uninterrupted_losses_exactly(baseline, tmp_path):
     """Determinism makes this bitwise on CPU: per-step RNG reseeding, the loader counter, the optimizer state
     and the NVFP4 communication counter are all restored from the step-4 checkpoint."""
@@ -68,13 +82,14 @@ def test_kill_9_then_restart_repeats_the_uninterrupted_losses_exactly(baseline, 
     cfg = json.loads(ref_cfg.read_text())
     cfg["trainer"]["out_dir"] = str(tmp_path / "run")
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    ranks = Ranks(tmp_path / "cfg.json", 2)
+    script = tmp_path / "kill_train.py"
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO), at=6))  # rank 0 dies before step 7
+    ranks = Ranks(tmp_path / "cfg.json", 2, script=script)
+    ranks.procs[0].wait(timeout=600)
+    ranks.kill(signal.SIGKILL)  # rank 1 is left waiting in a collective
     out = tmp_path / "run"
-    wait_for(lambda: (out / "checkpoints" / "step_00000004" / "COMPLETE").exists()
-             and (out / "steps.jsonl").exists() and len((out / "steps.jsonl").read_text().splitlines()) >= 5,
-             what="step 5 after the first checkpoint")
-    ranks.kill(signal.SIGKILL)
-    assert max(steps(out)) < 8
+    assert ranks.procs[0].returncode == -signal.SIGKILL
+    assert max(steps(out)) == 6 and (out / "checkpoints" / "latest").read_text() == "step_00000004"
     run(tmp_path / "cfg.json", 2)
     ours, ref = steps(out), steps(ref_out)
     assert sorted(ours) == list(range(1, 9))
