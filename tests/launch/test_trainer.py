@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,27 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data_order(baseli
         assert ours[s]["lr"] == ref[s]["lr"]
         # Not bitwise: 1 rank sums in another order and draws other stochastic-rounding bits.
         assert ours[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.02)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_checkpoints_resume_on_another_world_size(corpus, tmp_path, stage):
+    """2 ranks to step 4, then 1 rank to step 6 through the universal checkpoint: same data, close losses."""
+    (tmp_path / "ref").mkdir()
+    ref = write_config(tmp_path / "ref" / "cfg.json", corpus, zero_optimization={"stage": stage},
+                       trainer={"max_steps": 6, "save_interval": 4, "out_dir": str(tmp_path / "ref" / "run")})
+    run(ref, 2)
+    cfg = write_config(tmp_path / "cfg.json", corpus, zero_optimization={"stage": stage},
+                       trainer={"max_steps": 6, "save_interval": 4})
+    shutil.copytree(tmp_path / "ref" / "run" / "checkpoints" / "step_00000004",
+                    tmp_path / "run" / "checkpoints" / "step_00000004")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000004")
+    resumed = run(cfg, 1)
+    assert "universal checkpoint from 2 ranks" in resumed.output()
+    ours, theirs = steps(tmp_path / "run"), steps(tmp_path / "ref" / "run")
+    assert sorted(ours) == [5, 6]
+    for s in (5, 6):
+        assert ours[s]["digest"] == theirs[s]["digest"], s
+        assert ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=0.02)
 
 
 def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(corpus, tmp_path):
