@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -167,3 +169,27 @@ def test_nvfp4_linear_forward_and_backward_compile_with_torch_compile():
         results.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
     for got, ref in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_backend_dispatch_auto_is_torch_on_cpu_and_triton_needs_the_interpreter():
+    import subprocess
+    import sys
+
+    from ds_fp4.nvfp4 import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"  # the reference on CPU, even under the interpreter
+    if kernels.available(cpu)[0]:  # CI: this process runs with TRITON_INTERPRET=1 (a GPU run does not)
+        assert resolve_backend("triton", cpu) == "triton"
+    probe = (
+        "import torch\n"
+        "from ds_fp4.nvfp4 import resolve_backend\n"
+        "assert resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
+        "try:\n"
+        "    resolve_backend('triton', torch.device('cpu'))\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "backend='triton' cannot run on cpu" in out and "TRITON_INTERPRET=1" in out
