@@ -2,6 +2,7 @@
 against an independent numpy implementation, error bounds, non-finite input, and argument errors."""
 
 import math
+import re
 import zlib
 
 import numpy as np
@@ -181,9 +182,11 @@ def test_shapes_not_divisible_by_16_raise_naming_the_shape(shape, tile):
         quantize(torch.randn(shape), tile=tile)
 
 
-def test_an_empty_tensor_raises_a_value_error():
-    with pytest.raises(ValueError, match=r"empty tensor of shape \(0, 16\)"):
-        quantize(torch.empty(0, 16))
+def test_zero_rows_quantize_but_a_zero_last_dim_raises_naming_the_shape():
+    assert quantize(torch.empty(0, 16)).dequantize().shape == (0, 16)
+    for shape in [(0,), (4, 0)]:
+        with pytest.raises(ValueError, match=re.escape(str(shape))):
+            quantize(torch.empty(shape))
 
 
 @pytest.mark.parametrize(
