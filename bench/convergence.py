@@ -146,19 +146,17 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
     return seconds
 
 
+def _losses(run_dir: Path) -> dict[int, float | None]:
+    """step -> loss from steps.jsonl (None for a skipped step; a step logged twice keeps the last)."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "steps.jsonl").read_text().splitlines())}
+
+
 def _last_step(run_dir: Path) -> int:
-    try:
-        return max(json.loads(line)["step"] for line in (run_dir / "steps.jsonl").read_text().splitlines())
-    except (FileNotFoundError, ValueError):
-        return 0
+    return max(_losses(run_dir), default=0) if (run_dir / "steps.jsonl").is_file() else 0
 
 
 def _steps(run_dir: Path) -> list[tuple[int, float]]:
-    rows = {}
-    for line in (run_dir / "steps.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        rows[r["step"]] = r["loss"]
-    return sorted((s, v) for s, v in rows.items() if v is not None)
+    return sorted((s, v) for s, v in _losses(run_dir).items() if v is not None)
 
 
 def _train_seconds(run_dir: Path) -> float | None:

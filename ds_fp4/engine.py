@@ -88,10 +88,8 @@ class NVFP4EngineState:
         """NVFP4 communication as configured (True), or DeepSpeed's own collectives (False), e.g. for a
         BF16 tail (paper App. D) where the whole model, its gradient traffic included, runs in BF16."""
         seams.activate_grad_comm(engine, self.comm if active and self.config.grad_comm == "nvfp4" else None)
-        weight = self.comm if active and self.config.weight_comm == "nvfp4" else None
-        for m in self.layers.values():
-            if hasattr(m.weight, "_ds_fp4_weight_comm"):
-                m.weight._ds_fp4_weight_comm = weight
+        seams.activate_weight_comm([m.weight for m in self.layers.values()],
+                                   self.comm if active and self.config.weight_comm == "nvfp4" else None)
 
     def comm_stats(self, reset: bool = True) -> dict[str, float]:
         """Bytes sent through NVFP4 collectives since the last call, and the uncompressed equivalents."""
@@ -180,8 +178,6 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, **kwarg
         kwargs["args"].deepspeed_config = None  # we pass the (filtered) dict instead
     engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=ds_config, **kwargs)
 
-    seams.activate_grad_comm(engine, state if cfg.grad_comm == "nvfp4" else None)
-    if cfg.weight_comm == "nvfp4":
-        seams.activate_weight_comm([m.weight for m in layers.values()], state)
     engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers)
+    engine.nvfp4.set_comm_active(engine, True)
     return engine, optimizer, loader, scheduler

@@ -334,9 +334,11 @@ def activate_grad_comm(engine, state: comm.CommState | None) -> None:
         optimizer._ds_fp4_comm = state
 
 
-def activate_weight_comm(params, state: comm.CommState) -> int:
-    """Gather these ZeRO-3 parameters (NVFP4Linear weights) as NVFP4. Returns how many."""
-    install()
+def activate_weight_comm(params, state: comm.CommState | None) -> int:
+    """Gather these ZeRO-3 parameters (NVFP4Linear weights) as NVFP4 (``state``), or exactly (None).
+    Returns how many ZeRO-3 parameters were set."""
+    if state is not None:
+        install()
     n = 0
     for p in params:
         if hasattr(p, "ds_id"):
