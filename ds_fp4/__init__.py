@@ -4,6 +4,13 @@ Public API (DESIGN §4): quantize / dequantize / NVFP4Tensor (the torch referenc
 NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, and initialize (a drop-in for deepspeed.initialize).
 """
 
+# Import torch._dynamo now, before any deepspeed.zero.Init can be entered in a process that uses ds_fp4.
+# transformers >= 5 imports it from the first model module it loads; inside zero.Init, whose patched
+# torch.Tensor.__new__ dynamo's polyfill check rejects, that import raises "TypeError: Signature mismatch
+# ... tensor_pynew", and every ZeRO-3 model build (ours, a user's script, from_pretrained) crashes.
+# Once imported, later imports are no-ops. It costs ~2 s once, which any transformers model pays anyway.
+import torch._dynamo  # noqa: F401,I001
+
 from .convert import ConversionReport, convert_to_nvfp4, set_nvfp4_active
 from .engine import NVFP4Config, initialize
 from .linear import NVFP4Linear

@@ -137,7 +137,7 @@ def _shards(flat: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
     """[world, k] fp32 with zero padding: shard r = flat[r*n:(r+1)*n], n = ceil(N / world), k = pad16(n)."""
     n = -(-flat.numel() // world)
     k = _padded(max(n, 1))
-    out = torch.zeros(world, k, dtype=torch.float32, device=flat.device)
+    out = flat.new_zeros((world, k), dtype=torch.float32)
     full = flat.reshape(-1).to(torch.float32)
     for r in range(world):
         piece = full[r * n : (r + 1) * n]
@@ -163,10 +163,10 @@ def all_gather(shard: torch.Tensor, group, state: CommState, stats: CommStats, r
     """[W, n] fp32: every rank's ``shard`` (n elements), as decoded from its NVFP4 quantization."""
     world = dist.get_world_size(group)
     n = shard.numel()
-    row = torch.zeros(1, _padded(max(n, 1)), dtype=torch.float32, device=shard.device)
+    row = shard.new_zeros((1, _padded(max(n, 1))), dtype=torch.float32)
     row[0, :n] = shard.reshape(-1).to(torch.float32)
     send = pack_rows(_quantize_rows(row, rounding, state))
-    recv = torch.empty(world, send.shape[1], dtype=torch.uint8, device=shard.device)
+    recv = send.new_empty((world, send.shape[1]))
     dist.all_gather_into_tensor(recv, send, group=group)
     stats.add((world - 1) * send.shape[1], (world - 1) * n, itemsize, n if count_elements else 0)
     return decode_rows(recv, row.shape[1])[:, :n]
@@ -189,7 +189,7 @@ def reduce_(tensor: torch.Tensor, dst: int, group, state: CommState, itemsize: i
     if world == 1:
         return tensor
     k = _padded(max(tensor.numel(), 1))
-    row = torch.zeros(1, k, dtype=torch.float32, device=tensor.device)
+    row = tensor.new_zeros((1, k), dtype=torch.float32)
     row[0, : tensor.numel()] = tensor.reshape(-1).to(torch.float32)
     send = pack_rows(_quantize_rows(row, "stochastic", state))
     me = dist.get_rank(group)

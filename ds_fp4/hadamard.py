@@ -39,7 +39,7 @@ def sylvester(n: int = HADAMARD_SIZE, dtype: torch.dtype = torch.float32) -> tor
     """The n x n Sylvester Hadamard matrix (entries +-1, n a power of two): H[i, j] = (-1)^popcount(i & j)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester Hadamard size must be a power of two; got {n}")
-    h = torch.ones(1, 1, dtype=dtype)
+    h = torch.as_tensor([[1]], dtype=dtype)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
@@ -49,7 +49,7 @@ def hadamard_matrix(
     signs: Sequence[int] | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The orthogonal matrix ``diag(s) @ H16 / 4`` that :func:`rht` applies to each 16-element group."""
-    s = torch.tensor(validate_signs(signs), dtype=dtype)
+    s = torch.as_tensor(validate_signs(signs), dtype=dtype)
     return s[:, None] * sylvester(HADAMARD_SIZE, dtype) / 4
 
 
@@ -59,7 +59,7 @@ def rht(x: torch.Tensor, signs: Sequence[int] | None = None) -> torch.Tensor:
         raise ValueError(
             f"the Hadamard transform needs the last dim divisible by {HADAMARD_SIZE}; got shape {tuple(x.shape)}"
         )
-    s = torch.tensor(validate_signs(signs), dtype=torch.float32, device=x.device)
+    s = torch.as_tensor(validate_signs(signs), dtype=torch.float32, device=x.device)
     y = x.to(torch.float32).reshape(-1, HADAMARD_SIZE) * s
     for h in (1, 2, 4, 8):
         pairs = y.view(-1, HADAMARD_SIZE // (2 * h), 2, h)
@@ -70,6 +70,6 @@ def rht(x: torch.Tensor, signs: Sequence[int] | None = None) -> torch.Tensor:
 
 def inverse_rht(y: torch.Tensor, signs: Sequence[int] | None = None) -> torch.Tensor:
     """Undo :func:`rht` (up to fp32 rounding): x = y @ H^T = ((y @ H16) / 4) * s."""
-    s = torch.tensor(validate_signs(signs), dtype=torch.float32, device=y.device)
+    s = torch.as_tensor(validate_signs(signs), dtype=torch.float32, device=y.device)
     plain = rht(y, signs=(1,) * HADAMARD_SIZE)  # H16 is symmetric, so y @ H16 / 4 undoes the mixing
     return (plain.reshape(-1, HADAMARD_SIZE) * s).view(y.shape)

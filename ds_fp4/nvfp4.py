@@ -62,7 +62,7 @@ def normalize_tile(tile: Sequence[int] | str) -> tuple[int, int]:
 
 
 def _f32(value: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=device)
+    return torch.as_tensor(value, dtype=torch.float32, device=device)
 
 
 def global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -185,12 +185,12 @@ _tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 def _lookup(device: torch.device) -> tuple[torch.Tensor, ...]:
     if device not in _tables:
         _tables[device] = (
-            torch.tensor(_NEAREST_TABLE, dtype=torch.uint8, device=device),
-            torch.tensor(_LOWER, dtype=torch.uint8, device=device),
-            torch.tensor(_INV_STEP, dtype=torch.float32, device=device),
-            torch.tensor(_SR_OFFSET, dtype=torch.float32, device=device),
-            torch.tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), dtype=torch.float32,
-                         device=device),
+            torch.as_tensor(_NEAREST_TABLE, dtype=torch.uint8, device=device),
+            torch.as_tensor(_LOWER, dtype=torch.uint8, device=device),
+            torch.as_tensor(_INV_STEP, dtype=torch.float32, device=device),
+            torch.as_tensor(_SR_OFFSET, dtype=torch.float32, device=device),
+            torch.as_tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), dtype=torch.float32,
+                            device=device),
         )
     return _tables[device]
 
@@ -317,7 +317,7 @@ def quantize_reference(
         xf = x2.to(torch.float32).contiguous()  # wgrad operands arrive transposed
     dev = xf.device
     a = xf.abs()
-    amax = a.amax() if a.numel() else torch.zeros((), dtype=torch.float32, device=dev)
+    amax = a.amax() if a.numel() else a.new_zeros(())
     g_enc = global_encode_scale(amax)
     g_dec = 1.0 / g_enc
     mult = g_enc * (_f32(1.0, dev) / _f32(6.0, dev))

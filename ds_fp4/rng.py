@@ -61,7 +61,7 @@ def words_to_uniform(words: torch.Tensor) -> torch.Tensor:
     # (the arithmetic shift is -1 for negatives, 0 otherwise). Working in int32 halves the traffic.
     as_int32 = words.to(torch.int32)  # keeps the low 32 bits: the word's int32 bit pattern
     nonneg = as_int32 ^ (as_int32 >> 31)  # [0, 2**31 - 1]
-    return nonneg.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=words.device)
+    return nonneg.to(torch.float32) * torch.as_tensor(_UNIFORM_SCALE, dtype=torch.float32, device=words.device)
 
 
 # Counters per Philox call on CPU: small enough that the ~40 int64 temporaries of the ten rounds stay in
@@ -73,7 +73,8 @@ def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.
     """``numel`` fp32 uniforms in [0, 1): element i uses Philox word i % 4 of block index i // 4."""
     device = torch.device(device)
     blocks = (numel + 3) // 4
-    out = torch.empty(blocks * 4, dtype=torch.float32, device=device)
+    # empty_strided, not torch.empty: zero.Init's constructor wrappers would make the buffer bf16.
+    out = torch.empty_strided((blocks * 4,), (1,), dtype=torch.float32, device=device)
     chunk = _CPU_CHUNK if device.type == "cpu" else max(blocks, 1)
     for start in range(0, blocks, chunk):
         index = torch.arange(start, min(start + chunk, blocks), dtype=torch.int64, device=device)

@@ -95,7 +95,7 @@ def _require_seams() -> None:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 # Replacements -----------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def _reduce_scatter_coalesced(tensors, group=None):
     world, me = dist.get_world_size(group), dist.get_rank(group)
     chunk = [-(-t.numel() // world) for t in tensors]
     # Destination-major layout: rank r's shard holds chunk r of every tensor, each padded to full size.
-    rows = torch.zeros(world, sum(chunk), dtype=torch.float32, device=tensors[0].device)
+    rows = tensors[0].new_zeros((world, sum(chunk)), dtype=torch.float32)
     offset = 0
     for t, c in zip(tensors, chunk, strict=True):
         flat = t.reshape(-1)

@@ -16,6 +16,7 @@ for one micro-batch every ``stats_interval`` steps (:func:`collect_stats`) and r
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def health(x: torch.Tensor, q: NVFP4Tensor) -> dict[str, float]:
     saturated = (scale == E4M3_MAX).float().mean().item()
     err = (ref - q.dequantize().reshape(ref.shape)).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
-    sqnr = 10 * torch.log10(torch.tensor(signal / err)).item() if err > 0 and signal > 0 else float("inf")
+    sqnr = 10 * math.log10(signal / err) if err > 0 and signal > 0 else float("inf")
     return {"amax": q.amax.item(), "underflow": underflow, "saturated": saturated, "sqnr_db": sqnr}
 
 

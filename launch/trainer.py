@@ -154,9 +154,13 @@ class Trainer:
     def _build_model(self, ds_config: dict) -> torch.nn.Module:
         import deepspeed
         from transformers import AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         hf_config = self.cfg.model.hf_config(self.dataset.vocab_size)
         self.hf_config = hf_config
+        # Resolve the class (importing its module) before zero.Init, as Hugging Face's from_pretrained
+        # does: a module imported under zero.Init's patched tensor constructors is a hazard of its own.
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
         torch.manual_seed(self.cfg.model.init_seed)
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):  # never materialise the full model

@@ -80,7 +80,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, out_
         raise ValueError(f"dequantize: out_dtype must be one of {OUT_DTYPES}; got {out_dtype}")
     if data.stride(1) != 1 or scale.stride(1) != 1:
         raise ValueError(f"dequantize: data and scale need unit stride along K; got {data.stride()}, {scale.stride()}")
-    out = torch.empty((r, k), dtype=out_dtype, device=data.device)
+    out = data.new_empty((r, k), dtype=out_dtype)
     if out.numel():
 
         def grid(meta):

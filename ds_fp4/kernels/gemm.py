@@ -186,7 +186,7 @@ def _mm_fp32_out_supported(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
-        x = torch.zeros((16, 16), dtype=torch.float16, device="cuda")
+        x = torch.empty_strided((16, 16), (16, 1), dtype=torch.float16, device="cuda").zero_()
         return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
@@ -237,14 +237,14 @@ def nvfp4_gemm(
         raise ValueError("nvfp4_gemm: strategy='native' (tl.dot_scaled) cannot run in the Triton interpreter, "
                          "which decodes the scales as E8M0")
     if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=out_dtype, device=dev)
+        return a_data.new_zeros((m, n), dtype=out_dtype)
     if strategy == "dequant":
         a16 = dequantize(a_data, a_scale, a_amax, torch.float16, apply_global_scale=False)
         b16 = dequantize(b_data, b_scale, b_amax, torch.float16, apply_global_scale=False)
         return gemm_epilogue(_matmul_fp32(a16, b16), a_amax, b_amax, out_dtype)
 
     fp8_convert = has_fp8_convert(dev) if fp8_convert is None else fp8_convert
-    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    c = a_data.new_empty((m, n), dtype=out_dtype)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
