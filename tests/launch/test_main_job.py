@@ -8,7 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO, child_env, free_port, steps
+
+pytestmark = pytest.mark.slow  # real multi-rank training runs
 
 COMMAND = "launch/train.py --deepspeed_config configs/demo-cpu.json"
 

@@ -4,6 +4,7 @@ elastic restart, preemption, the non-finite guard, export."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,8 +13,11 @@ import sys
 
 import pytest
 import torch
+from tiny_runs import TINY_MODEL
 
 from .conftest import REPO, TRAIN, Ranks, child_env, free_port, run, steps, wait_for, write_config
+
+pytestmark = pytest.mark.slow  # real multi-rank training runs
 
 SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps",
            "comm/grad_bytes_sent", "comm/grad_bytes_saved", "comm/grad_ratio_vs_bf16", "eval/loss"]
@@ -120,6 +124,28 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data_order(baseli
         assert ours[s]["lr"] == ref[s]["lr"]
         # Not bitwise: 1 rank sums in another order and draws other stochastic-rounding bits.
         assert ours[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.02)
+
+
+def test_the_8b_zero3_config_shrunk_with_set_trains_on_2_cpu_ranks(corpus, tmp_path):
+    """configs/llama-8b-zero3.json itself, only shrunk with --set: the model is built under zero.Init, its
+    gradients and ZeRO-3 weight gathers travel in NVFP4, and a ZeRO-3 checkpoint is written."""
+    from launch.plot import read_scalar
+
+    model = {**TINY_MODEL, "num_hidden_layers": 8}  # the config keeps blocks 0-1 and 4-7 in BF16
+    data = {"sources": [str(corpus)], "seq_len": 64, "seed": 7}
+    overrides = [f"model.config.{k}={json.dumps(v)}" for k, v in model.items()] + [
+        "train_batch_size=4", "train_micro_batch_size_per_gpu=2", f"data={json.dumps(data)}",
+        f"trainer.out_dir={json.dumps(str(tmp_path / 'run'))}", "trainer.max_tokens=null", "trainer.max_steps=3",
+        "trainer.save_interval=3",
+        "trainer.eval_interval=0", "trainer.log_interval=1", "trainer.progress=false", "trainer.warmup_steps=1"]
+    ranks = run(REPO / "configs" / "llama-8b-zero3.json", 2, overrides, log_dir=tmp_path)
+    out = ranks.output()
+    assert "fp4  model.layers.2.mlp.down_proj" in out and "on 2 ranks" in out, out[-3000:]
+    rows = steps(tmp_path / "run")
+    assert sorted(rows) == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows.values())
+    assert min(read_scalar(tmp_path / "run", "comm/grad_bytes_sent")[1]) > 0
+    assert min(read_scalar(tmp_path / "run", "comm/weight_bytes_sent")[1]) > 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"
 
 
 @pytest.mark.parametrize("stage", [2, 3])
