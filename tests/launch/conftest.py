@@ -38,19 +38,19 @@ class Ranks:
     """W rank processes of one run; each writes its output to out_dir/rank<r>.log."""
 
     def __init__(self, config: Path, world: int, overrides: list[str] = (), script: Path = TRAIN,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         port = str(free_port())
         self.logs = []
         self.procs = []
         log_dir = Path(log_dir or config.parent)
         for r in range(world):
             log = open(log_dir / f"rank{r}.{int(time.time() * 1000)}.log", "w")
-            env = child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=port)
+            rank_env = child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                 MASTER_PORT=port, **(env or {}))
             cmd = [sys.executable, str(script), "--deepspeed_config", str(config)]
             for o in overrides:
                 cmd += ["--set", o]
-            self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
             self.logs.append(log)
 

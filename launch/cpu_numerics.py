@@ -1,0 +1,59 @@
+"""Run CPU training that gives the same bits on any x86-64 CPU: the environment that pins the numerics.
+
+On CPU, torch's float results depend on the instruction set the machine has. Three libraries choose their
+kernels by it, and each sums in another order on AVX-512 than on AVX2:
+  * ATen's own kernels (reductions, softmax, norms, elementwise math, the bf16 GEMM fallback) are compiled
+    once per capability (default, avx2, avx512) and dispatched by the CPU; ``ATEN_CPU_CAPABILITY`` caps it;
+  * MKL (fp32 GEMMs) picks a code path per CPU; ``MKL_CBWR`` (conditional numerical reproducibility) fixes it;
+  * oneDNN runs torch's bf16 GEMMs when the CPU has AVX-512 (torch asks oneDNN whether bf16 is supported,
+    and oneDNN answers within ``ONEDNN_MAX_CPU_ISA``); elsewhere they fall back to ATen.
+Stochastic rounding then turns a last-bit difference into a different curve within a few steps: the golden
+run moved by 1.6% of its loss at step 12 between an AVX2 and the default ATen build (docs/trainer.md).
+
+:data:`PORTABLE_CPU_ENV` caps all three at a level every x86-64 CPU has, with one thread per process, so a
+run started with it reproduces on another machine. It must be in the environment before the process
+starts (the libraries read it once), and it costs speed: ATen's scalar build is slower than its AVX2 one.
+Not pinned, because no library offers a knob: glibc's libm picks FMA variants of expf/logf at load time,
+so a CPU without FMA (before Haswell / Piledriver) may still differ.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+PORTABLE_CPU_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",  # ATen's baseline x86-64 build, on every CPU
+    "MKL_CBWR": "COMPATIBLE,STRICT",  # MKL's SSE2 code path, bitwise reproducible whatever the alignment
+    "ONEDNN_MAX_CPU_ISA": "SSE41",  # no oneDNN bf16 GEMMs: torch uses its ATen fallback everywhere
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+"""Set these before starting the ranks (e.g. ``env $(python -m launch.cpu_numerics) make train``)."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (what decides the unpinned numerics)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    widest = next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in flags), "baseline")
+    return f"{name} ({widest})"
+
+
+def is_pinned(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return all(env.get(k) == v for k, v in PORTABLE_CPU_ENV.items())
+
+
+if __name__ == "__main__":
+    print(" ".join(f"{k}={v}" for k, v in PORTABLE_CPU_ENV.items()))
