@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "support"))
 
-from tiny_runs import steps, write_config  # noqa: E402
+from tiny_runs import golden_config, steps  # noqa: E402
 
 from launch.cpu_numerics import PORTABLE_CPU_ENV, cpu_model  # noqa: E402
 
@@ -85,10 +85,7 @@ def main() -> None:
     golden = json.loads((GOLDEN / "nvfp4_losses.json").read_text())["losses"]
     tmp = Path(tempfile.mkdtemp(prefix="cpu_numerics_"))
     prepare([str(GOLDEN / "corpus.jsonl")], tmp / "data", vocab_size=512, workers=0, progress=False)
-    cfg = write_config(tmp / "cfg.json", tmp / "data",
-                       nvfp4={"preset": "paper", "keep_first_blocks": 1, "keep_last_blocks": 1,
-                              "grad_comm": "nvfp4", "stats_interval": 0},
-                       trainer={"max_steps": 12, "save_interval": 0, "warmup_steps": 2})
+    cfg = golden_config(tmp / "cfg.json", tmp / "data")
     rows = []
     print(f"{cpu_model()}{' under ' + args.wrapper if wrapper else ''}")
     print(f"{'group':7} {'environment':15} {'step 12 loss':>14} {'max |diff| to first':>20} {'= golden':>9} {'s':>5}")

@@ -1,20 +1,23 @@
 """Run CPU training that gives the same bits on any x86-64 CPU: the environment that pins the numerics.
 
-On CPU, torch's float results depend on the instruction set the machine has. Three libraries choose their
-kernels by it, and each sums in another order on AVX-512 than on AVX2:
-  * ATen's own kernels (reductions, softmax, norms, elementwise math, the bf16 GEMM fallback) are compiled
+On CPU, torch's float results depend on the machine. Each of these sums or rounds differently on another
+CPU, and stochastic rounding turns a last-bit difference into a different loss curve within a few steps
+(the golden run moved by 0.16 in loss between ATen's AVX2 and default builds; docs/trainer.md):
+  * ATen's own kernels (reductions, softmax, norms, elementwise math, its bf16 GEMM fallback) are compiled
     once per capability (default, avx2, avx512) and dispatched by the CPU; ``ATEN_CPU_CAPABILITY`` caps it;
-  * MKL (fp32 GEMMs) picks a code path per CPU; ``MKL_CBWR`` (conditional numerical reproducibility) fixes it;
+  * MKL's GEMMs (fp32, and the bf16 ones torch hands it) pick a code path per CPU; ``MKL_CBWR`` fixes it;
   * oneDNN runs torch's bf16 GEMMs when the CPU has AVX-512 (torch asks oneDNN whether bf16 is supported,
-    and oneDNN answers within ``ONEDNN_MAX_CPU_ISA``); elsewhere they fall back to ATen.
-Stochastic rounding then turns a last-bit difference into a different curve within a few steps: the golden
-run moved by 1.6% of its loss at step 12 between an AVX2 and the default ATen build (docs/trainer.md).
+    and oneDNN answers within ``ONEDNN_MAX_CPU_ISA``); elsewhere they fall back to MKL or ATen;
+  * MKL's vector math, which torch uses for ``sqrt`` (and ``pow(x, 0.5)``) of float tensors, rounds per
+    CPU, and no variable pins it: seen, 20% of float32 square roots one ulp off on one CPU and none on
+    another, with MKL_CBWR set. The unfused torch AdamW and DeepSpeed's gradient-norm clipping go through
+    it; torch's fused AdamW (``"fused": true`` in the optimizer params) does not, and neither does ds_fp4.
 
-:data:`PORTABLE_CPU_ENV` caps all three at a level every x86-64 CPU has, with one thread per process, so a
-run started with it reproduces on another machine. It must be in the environment before the process
-starts (the libraries read it once), and it costs speed: ATen's scalar build is slower than its AVX2 one.
-Not pinned, because no library offers a knob: glibc's libm picks FMA variants of expf/logf at load time,
-so a CPU without FMA (before Haswell / Piledriver) may still differ.
+:data:`PORTABLE_CPU_ENV` caps the first three at a level every x86-64 CPU has, with one thread per
+process. With it, and with fused AdamW and no gradient clipping, the golden run gave the same bits natively
+on an AVX2 CPU and, under qemu's user-mode emulator, on an emulated Haswell (AVX2, FMA) and Nehalem (SSE4.2,
+no FMA): bench/cpu_numerics.py. It must be in the environment before the process starts (the libraries
+read it once), and it costs speed: ATen's scalar build is slower than its AVX2 one.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from ds_fp4.stats import collect_stats
 
 from .checkpoint import CheckpointManager
 from .config import RunConfig
+from .cpu_numerics import cpu_model, is_pinned
 from .metrics import Throughput, model_flops_per_token, peak_flops, wsd_lambda
 
 EXIT_OK, EXIT_PREEMPTED, EXIT_DIVERGED = 0, 75, 65
@@ -141,6 +142,9 @@ class Trainer:
             print(f"train: {self.total_steps} steps x {cfg.global_batch} x {self.dataset.seq_len} tokens on "
                   f"{self.world} ranks ({self.engine.gradient_accumulation_steps()} micro-steps per step), "
                   f"from step {self.step}", flush=True)
+            if self.engine.device.type == "cpu":
+                how = "pinned (launch.cpu_numerics)" if is_pinned() else f"{cpu_model()}'s own"
+                print(f"cpu numerics: {how}; other CPUs give other losses unless pinned (docs/trainer.md)", flush=True)
 
     def _open_data(self) -> TokenDataset:
         emb = self.cfg.embedded

@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_runs import golden_config
 
 from launch.cpu_numerics import PORTABLE_CPU_ENV, cpu_model
 
-from .conftest import run, steps, write_config
+from .conftest import run, steps
 
 pytestmark = pytest.mark.slow  # real multi-rank training runs
 
@@ -36,10 +37,7 @@ def golden_run(tmp_path: Path) -> list[float]:
 
     data = tmp_path / "data"
     prepare([str(GOLDEN / "corpus.jsonl")], data, vocab_size=512, workers=0, progress=False)
-    cfg = write_config(tmp_path / "cfg.json", data,
-                       nvfp4={"preset": "paper", "keep_first_blocks": 1, "keep_last_blocks": 1,
-                              "grad_comm": "nvfp4", "stats_interval": 0},
-                       trainer={"max_steps": 12, "save_interval": 0, "warmup_steps": 2})
+    cfg = golden_config(tmp_path / "cfg.json", data)
     run(cfg, 2, env=PORTABLE_CPU_ENV)  # over the outer environment, which the test has set
     return [steps(tmp_path / "run")[s]["loss"] for s in range(1, 13)]
 

@@ -39,3 +39,20 @@ def steps(out_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         rows[row["step"]] = row
     return rows
+
+
+def golden_config(path: Path, corpus: Path) -> Path:
+    """The golden run (tests/launch/test_golden.py, bench/cpu_numerics.py): the paper recipe with NVFP4
+    gradient communication, 12 steps on 2 ranks.
+
+    Two choices keep it portable (launch/cpu_numerics.py): torch's fused AdamW, whose ATen kernel takes
+    square roots with the CPU's exact instruction (the unfused one calls MKL's vector math, whose rounding
+    differs between CPUs: 20% of float32 square roots one ulp off on one machine, none on another), and
+    no gradient clipping, since DeepSpeed's gradient norm ends in such a square root."""
+    return write_config(path, corpus,
+                        nvfp4={"preset": "paper", "keep_first_blocks": 1, "keep_last_blocks": 1,
+                               "grad_comm": "nvfp4", "stats_interval": 0},
+                        trainer={"max_steps": 12, "save_interval": 0, "warmup_steps": 2}, gradient_clipping=0.0,
+                        optimizer={"type": "AdamW", "params": {"lr": 0.003, "betas": [0.9, 0.95], "eps": 1e-08,
+                                                               "weight_decay": 0.1, "torch_adam": True,
+                                                               "fused": True}})
