@@ -1,6 +1,6 @@
 """DataConfig: the data section of a run, validated once, at construction.
 
-Why a small dataclass: `launch/` parses the run's JSON once and hands this over (STYLE.md habit 7);
+Why a small dataclass: `launch/` parses the run's JSON once and hands this over (docs/design.md §7);
 everything the order depends on (sources and their weights, seq_len, seed) is here, and nothing is
 read from the environment. Batch geometry (global/micro batch, rank, world size) is not: it belongs to
 the loader, because the same dataset serves train and eval loaders of different shapes.

@@ -1,6 +1,6 @@
 """BatchLoader: this rank's micro-batches of the global order, prefetched on one background thread.
 
-The contract (DESIGN.md §6):
+The contract (docs/design.md §6):
 - Global batch g is stream positions [g*G, (g+1)*G). Rank r of W takes the contiguous slice
   [g*G + r*G/W, g*G + (r+1)*G/W), split into A = G/(W*B) micro-batches of B samples. So the order is
   a function of G alone: with the same G, any (W, B) sees the same global batches, and a run resized

@@ -1,6 +1,6 @@
 """ds_fp4: NVFP4 (4-bit) pretraining for DeepSpeed models, on any hardware.
 
-Public API (DESIGN §4): quantize / dequantize / NVFP4Tensor (the torch reference and its kernels),
+Public API (docs/design.md §4): quantize / dequantize / NVFP4Tensor (the torch reference and its kernels),
 NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, and initialize (a drop-in for deepspeed.initialize).
 """
 

@@ -1,4 +1,4 @@
-"""Every DeepSpeed internal that ds_fp4 replaces, patched here and nowhere else (DESIGN §5).
+"""Every DeepSpeed internal that ds_fp4 replaces, patched here and nowhere else (docs/design.md §5).
 
 DeepSpeed has no communication-hook API, so NVFP4 communication replaces the functions through which
 each ZeRO stage moves gradients and ZeRO-3 weights:

@@ -4,7 +4,7 @@
                                                              model_parameters=model.parameters())
 
 It reads the top-level "nvfp4" section, converts the model's linear layers *before* DeepSpeed sees the
-model (DESIGN §5: swapping modules afterwards breaks ZeRO-2/3 bookkeeping), calls deepspeed.initialize
+model (docs/design.md §5: swapping modules afterwards breaks ZeRO-2/3 bookkeeping), calls deepspeed.initialize
 with the rest of the config, and routes gradient (and optionally ZeRO-3 weight) communication through
 NVFP4 collectives. The engine gains an ``nvfp4`` attribute (:class:`NVFP4EngineState`) with the
 conversion report and the communication byte counters.
@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from . import comm, seams
+from . import comm, deepspeed_patches
 from .convert import ConversionReport, convert_to_nvfp4
 from .linear import NVFP4Linear
 from .recipe import NVFP4Recipe
 
-# Top-level keys of the run JSON that belong to ds_fp4 / the trainer, not to DeepSpeed (DESIGN §4).
+# Top-level keys of the run JSON that belong to ds_fp4 / the trainer, not to DeepSpeed (docs/design.md §4).
 OWN_SECTIONS = ("nvfp4", "model", "data", "trainer")
 COMM_MODES = ("nvfp4", "none")
 
@@ -87,8 +87,8 @@ class NVFP4EngineState:
     def set_comm_active(self, engine, active: bool) -> None:
         """NVFP4 communication as configured (True), or DeepSpeed's own collectives (False), e.g. for a
         BF16 tail (paper App. D) where the whole model, its gradient traffic included, runs in BF16."""
-        seams.activate_grad_comm(engine, self.comm if active and self.config.grad_comm == "nvfp4" else None)
-        seams.activate_weight_comm([m.weight for m in self.layers.values()],
+        deepspeed_patches.activate_grad_comm(engine, self.comm if active and self.config.grad_comm == "nvfp4" else None)
+        deepspeed_patches.activate_weight_comm([m.weight for m in self.layers.values()],
                                    self.comm if active and self.config.weight_comm == "nvfp4" else None)
 
     def comm_stats(self, reset: bool = True) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""NVFP4Linear: an nn.Linear whose three GEMMs run in NVFP4 (paper §4, DESIGN §3).
+"""NVFP4Linear: an nn.Linear whose three GEMMs run in NVFP4 (paper §4, docs/design.md §3).
 
     fprop  Y  = X  W^T    X: input policy (1x16 nearest)     W:   weight policy (16x16 nearest)
     dgrad  dX = dY W      dY: grad policy (1x16 stochastic)  W^T: the same 16x16 quantization, transposed
@@ -14,7 +14,7 @@ out in forward/backward keeps every choice visible (torchao's float8 authors mad
 
 Memory: forward saves the wgrad operand X^T already quantized (4.5 bits per element instead of 16),
 and, unless the weight is ZeRO-3 partitioned, the quantized W^T, so backward quantizes only dY.
-Under ZeRO-3 (DESIGN §5) the Parameter itself goes into ``apply`` and nothing derived from the gathered
+Under ZeRO-3 (docs/design.md §5) the Parameter itself goes into ``apply`` and nothing derived from the gathered
 weight is saved: backward gathers it again if DeepSpeed released it, re-quantizes (round-to-nearest
 is deterministic, so W^T is bit-identical to forward's), and re-partitions in a ``finally``.
 
@@ -73,7 +73,7 @@ def quantize_weight_operands(
 
 @contextlib.contextmanager
 def _gathered(weight: torch.Tensor):
-    """Make a ZeRO-3 partitioned weight available for the duration of the block (DESIGN §5)."""
+    """Make a ZeRO-3 partitioned weight available for the duration of the block (docs/design.md §5)."""
     status = getattr(weight, "ds_status", None)
     if status is None or status.name != "NOT_AVAILABLE":
         yield weight

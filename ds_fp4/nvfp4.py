@@ -1,4 +1,4 @@
-"""NVFP4 in plain torch: the reference every kernel is tested against (DESIGN §2).
+"""NVFP4 in plain torch: the reference every kernel is tested against (docs/design.md §2).
 
 An NVFP4 tensor stands for ``x ~= e2m1 * fp32(s_block) * g_dec``: 4-bit E2M1 codes, one float8 E4M3
 scale per 16 elements (1x16) or per 16x16 tile, and one fp32 tensor amax from which the global decode

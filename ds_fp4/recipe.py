@@ -69,7 +69,7 @@ PRESETS = ("paper", "no_rht", "no_sr", "no_2d", "all_fp4", "bf16")
 
 @dataclass(frozen=True)
 class NVFP4Recipe:
-    """The NVFP4 training recipe. The defaults are the paper's (DESIGN §3); see the presets below."""
+    """The NVFP4 training recipe. The defaults are the paper's (docs/design.md §3); see the presets below."""
 
     input: TensorPolicy = field(default_factory=lambda: TensorPolicy(hadamard=True))
     """Activations X: fprop operand (1x16 nearest) and wgrad operand (with RHT)."""
@@ -122,7 +122,7 @@ class NVFP4Recipe:
     # Presets -------------------------------------------------------------------------------------
     @classmethod
     def paper(cls, **overrides: Any) -> NVFP4Recipe:
-        """The paper's recipe (DESIGN §3): 2D weights, SR gradients, RHT on Wgrad, BF16 edge blocks."""
+        """The paper's recipe (docs/design.md §3): 2D weights, SR gradients, RHT on Wgrad, BF16 edge blocks."""
         return cls(**overrides)
 
     @classmethod

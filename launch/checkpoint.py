@@ -11,7 +11,7 @@ can leave it naming a half-written checkpoint (or leave it truncated). Here a ch
 once its COMPLETE marker exists, the pointer moves with an atomic rename, and resume ignores (and the
 next save removes) anything incomplete. The last ``keep`` complete checkpoints are kept.
 
-Resume on a new world size (DESIGN §5): ZeRO partitions optimizer state (stage 3: weights too) by
+Resume on a new world size (docs/design.md §5): ZeRO partitions optimizer state (stage 3: weights too) by
 data-parallel rank, so a checkpoint written by W ranks cannot be loaded by W' != W directly. Rank 0
 converts it once with DeepSpeed's ``ds_to_universal`` (``--inject_missing_state``), and the engine
 loads it with ``"checkpoint": {"load_universal": true}``, which the trainer sets before building the

@@ -137,9 +137,9 @@ def init() -> str:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from ds_fp4 import seams
+    from ds_fp4 import deepspeed_patches
 
-    seams.disable_cpu_shm_comm()
+    deepspeed_patches.disable_cpu_shm_comm()
     launcher = map_launcher_env(discover=mpi_discovery)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -176,7 +176,7 @@ def _init_elastic_group(backend: str) -> None:
 
 
 def shutdown(engine=None, barrier: bool = True) -> None:
-    """Free the engine, then barrier and destroy the group: otherwise gloo can abort at exit (DESIGN §5).
+    """Free the engine, then barrier and destroy the group: otherwise gloo can abort at exit (docs/design.md §5).
 
     After an error, pass barrier=False: the other ranks may never arrive."""
     if engine is not None:

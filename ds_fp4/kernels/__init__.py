@@ -8,7 +8,7 @@ One kernel per file (autotune configs + @triton.jit kernel + launcher that check
   gemm.py            NVFP4 x NVFP4 -> fp32/bf16/fp16: tl.dot_scaled on sm_100+, decode + tl.dot elsewhere
   decode.py          NVFP4 -> dense (exact fp16 operands for the "dequant" GEMM strategy)
   gemm_epilogue.py   ((acc * g_dec_a) * g_dec_b).to(dtype) for the "dequant" strategy
-  nvfp4_math.py      the shared @triton.jit arithmetic of DESIGN §2 and the Philox stream (no kernel)
+  nvfp4_math.py      the shared @triton.jit arithmetic of docs/design.md §2 and the Philox stream (no kernel)
   groups.py          16-element blocks held as tuples: RHT butterfly, block max, packing (no kernel)
   ops.py             torch.library custom ops + fake implementations (torch.compile)
 

@@ -1,7 +1,7 @@
 """NVFP4 -> dense: decode codes and block scales (optionally times the global decode scale).
 
 Two uses. ``NVFP4Tensor.dequantize`` on the GPU (``GLOBAL=True``: e2m1 * s_block * g_dec in fp32,
-then cast, exactly DESIGN §2 step 6). And the "dequant" strategy of the emulated GEMM
+then cast, exactly docs/design.md §2 step 6). And the "dequant" strategy of the emulated GEMM
 (``GLOBAL=False``, fp16 out): e2m1 * s_block is exact in fp16, so decoding both operands once and
 handing them to cuBLAS gives the same products as the fused kernel, at close to bf16-matmul speed
 on Hopper, where decoding inside the GEMM's K loop costs more issue slots than the MMAs themselves.

@@ -1,4 +1,4 @@
-"""Device functions shared by the NVFP4 kernels: the arithmetic of DESIGN §2 and the Philox stream.
+"""Device functions shared by the NVFP4 kernels: the arithmetic of docs/design.md §2 and the Philox stream.
 
 No kernel lives here; each kernel file imports these ``@triton.jit`` helpers. They reproduce
 :func:`ds_fp4.nvfp4.quantize_reference` bit for bit, on the GPU and in the interpreter, which

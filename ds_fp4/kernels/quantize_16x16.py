@@ -1,7 +1,7 @@
 """16x16 NVFP4 quantization: pass 2 for weights, writing W and W^T in one read of W.
 
 fprop consumes W [N, K] quantized along K and dgrad consumes W^T [K, N] quantized along N. With one
-scale per 16x16 tile both layouts hold the same codes and the same scales (DESIGN §3: "W and W^T
+scale per 16x16 tile both layouts hold the same codes and the same scales (docs/design.md §3: "W and W^T
 decode identically"), so the kernel encodes each tile once and stores it twice: the row-wise bytes,
 and the transposed bytes (codes of rows 2i and 2i+1 paired into one byte of W^T). That replaces a
 second quantization (another full read of the fp32 master weight) by a transpose in registers.

@@ -1,6 +1,6 @@
 """1x16 NVFP4 quantization: pass 2 (block scales + codes), with optional fused RHT and stochastic rounding.
 
-This is the quantizer for activations and gradients (DESIGN §3): X in fprop (nearest), dY in dgrad
+This is the quantizer for activations and gradients (docs/design.md §3): X in fprop (nearest), dY in dgrad
 (stochastic), and both wgrad operands dY^T and X^T (RHT, then stochastic resp. nearest). The wgrad
 operands arrive as transposed views, so the kernel reads through arbitrary strides instead of asking
 for a contiguous copy: with unit stride along K a block is one vector load, otherwise its 16

@@ -194,7 +194,7 @@ def scenario_unbiased() -> dict:
 
 
 def scenario_zero3_memory() -> dict:
-    """Under ZeRO-3 the forward must not keep the gathered weight alive for backward (DESIGN §5)."""
+    """Under ZeRO-3 the forward must not keep the gathered weight alive for backward (docs/design.md §5)."""
     import deepspeed
 
     import ds_fp4
@@ -277,11 +277,11 @@ def tiny_llama():
 def main() -> None:
     import deepspeed
 
-    from ds_fp4 import seams
+    from ds_fp4 import deepspeed_patches
 
     scenario, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    seams.disable_cpu_shm_comm()
+    deepspeed_patches.disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     result = globals()[f"scenario_{scenario}"]()
     with open(os.path.join(out_dir, f"{scenario}.rank{dist.get_rank()}.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive implementation of the NVFP4 spec (DESIGN §2) in numpy float32.
+"""An independent, deliberately naive implementation of the NVFP4 spec (docs/design.md §2) in numpy float32.
 
 It shares no code with ds_fp4.nvfp4: E4M3 rounding is done with frexp/rint instead of torch's cast,
 E2M1 rounding with the spec's threshold table. Tests compare the reference against it bit for bit.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ds_fp4
-from ds_fp4 import comm, seams
+from ds_fp4 import comm, deepspeed_patches
 from ds_fp4.engine import NVFP4Config
 
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -128,7 +128,7 @@ def test_zero3_keeps_its_memory_saving(results):
         assert rank["converted"] == 14
         assert all(rank["released_after_forward"]), "DeepSpeed could not release the gathered weights"
         assert rank["violations"] == [], rank["violations"][:5]
-        assert rank["params_saved"] > 0  # the Parameter itself goes into apply (DESIGN §5)
+        assert rank["params_saved"] > 0  # the Parameter itself goes into apply (docs/design.md §5)
         assert rank["losses"][-1] < rank["losses"][0]
         # The Function's backward gathered the released weight itself and released it again.
         assert rank["status_before_backward"] == "NOT_AVAILABLE" == rank["status_after_backward"]
@@ -177,10 +177,10 @@ def test_every_seam_exists_in_the_pinned_deepspeed():
     from packaging.version import Version
 
     assert Version("0.19") <= Version(deepspeed.__version__) < Version("0.20"), (
-        f"DeepSpeed {deepspeed.__version__} is outside {seams.SUPPORTED_DEEPSPEED}: "
-        "re-check every seam in ds_fp4/seams.py"
+        f"DeepSpeed {deepspeed.__version__} is outside {deepspeed_patches.SUPPORTED_DEEPSPEED}: "
+        "re-check every seam in ds_fp4/deepspeed_patches.py"
     )
-    assert seams.check_seams() == []
+    assert deepspeed_patches.check_seams() == []
 
 
 def test_install_is_idempotent_and_uninstall_restores():
@@ -190,12 +190,12 @@ def test_install_is_idempotent_and_uninstall_restores():
     original = stage3.reduce_scatter_coalesced
     original_bucket = DeepSpeedZeroOptimizer.allreduce_bucket
     try:
-        assert seams.install() is True
-        assert seams.install() is False  # second call: nothing to do
+        assert deepspeed_patches.install() is True
+        assert deepspeed_patches.install() is False  # second call: nothing to do
         assert stage3.reduce_scatter_coalesced is not original
         assert DeepSpeedZeroOptimizer.allreduce_bucket is not original_bucket
     finally:
-        seams.uninstall()
+        deepspeed_patches.uninstall()
     assert stage3.reduce_scatter_coalesced is original
     assert DeepSpeedZeroOptimizer.allreduce_bucket is original_bucket
 
@@ -210,10 +210,11 @@ def test_a_missing_seam_fails_loudly_with_the_supported_range(monkeypatch):
     from deepspeed.runtime.zero import stage3
 
     monkeypatch.delattr(stage3, "reduce_scatter_coalesced")
-    assert "deepspeed.runtime.zero.stage3.reduce_scatter_coalesced" in seams.check_seams()
-    with pytest.raises(seams.SeamError, match=r"reduce_scatter_coalesced.*Supported DeepSpeed: >=0.19,<0.20"):
-        seams.install()
-    assert not seams.installed()
+    assert "deepspeed.runtime.zero.stage3.reduce_scatter_coalesced" in deepspeed_patches.check_seams()
+    with pytest.raises(deepspeed_patches.SeamError,
+                       match=r"reduce_scatter_coalesced.*Supported DeepSpeed: >=0.19,<0.20"):
+        deepspeed_patches.install()
+    assert not deepspeed_patches.installed()
 
 
 def test_without_nvfp4_comm_a_missing_seam_does_not_matter(monkeypatch):
@@ -224,8 +225,8 @@ def test_without_nvfp4_comm_a_missing_seam_does_not_matter(monkeypatch):
 
     monkeypatch.delattr(stage3, "reduce_scatter_coalesced")
     engine = types.SimpleNamespace(optimizer=types.SimpleNamespace())
-    seams.activate_grad_comm(engine, None)
+    deepspeed_patches.activate_grad_comm(engine, None)
     assert engine._ds_fp4_comm is None and engine.optimizer._ds_fp4_comm is None
-    assert not seams.installed()
-    with pytest.raises(seams.SeamError):
-        seams.activate_grad_comm(engine, comm.CommState(seed=0))
+    assert not deepspeed_patches.installed()
+    with pytest.raises(deepspeed_patches.SeamError):
+        deepspeed_patches.activate_grad_comm(engine, comm.CommState(seed=0))

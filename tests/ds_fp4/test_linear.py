@@ -53,7 +53,7 @@ def test_forward_matches_dequantize_matmul_exactly_in_structure():
 
 
 def test_wgrad_uses_rht_and_dgrad_does_not():
-    """Run the three GEMMs by hand following DESIGN §3 and compare with the layer, bit for bit."""
+    """Run the three GEMMs by hand following docs/design.md §3 and compare with the layer, bit for bit."""
     _, q = _pair(in_f=64, out_f=48, bias=False)
     x = torch.randn(32, 64, requires_grad=True)
     dy = torch.randn(32, 48)

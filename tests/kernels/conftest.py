@@ -46,7 +46,7 @@ def ties_block() -> list[float]:
 
 
 def adversarial(case: str, m: int = 32, k: int = 64, seed: int = 0) -> torch.Tensor:
-    """fp32 [m, k] test data for one named edge case of DESIGN §2."""
+    """fp32 [m, k] test data for one named edge case of docs/design.md §2."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     f32 = torch.finfo(torch.float32)

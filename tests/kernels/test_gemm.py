@@ -74,7 +74,7 @@ def test_gemm_matches_reference(mnk, out_dtype, strategy, fp8):
 
 @pytest.mark.parametrize("strategy,fp8", STRATEGIES, ids=IDS)
 def test_gemm_recipe_operands(strategy, fp8):
-    """The three GEMMs of DESIGN §3: 1x16 x 16x16, stochastic x 16x16^T, and the RHT pair for wgrad."""
+    """The three GEMMs of docs/design.md §3: 1x16 x 16x16, stochastic x 16x16^T, and the RHT pair for wgrad."""
     g = torch.Generator().manual_seed(9)
     x, w, dy = torch.randn(48, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(48, 32, generator=g)
     w_q = _q(w, tile=(16, 16))
