@@ -51,6 +51,7 @@ from ds_fp4.hadamard import DEFAULT_SIGNS  # noqa: E402
 from ds_fp4.kernels import amax as amax_kernel  # noqa: E402
 from ds_fp4.kernels import gemm, quantize_1x16, quantize_16x16  # noqa: E402
 from ds_fp4.kernels.nvfp4_math import signs_mask  # noqa: E402
+from ds_fp4.nvfp4 import QuantizeArgs  # noqa: E402
 
 SIGNS = signs_mask(DEFAULT_SIGNS)
 
@@ -129,7 +130,7 @@ def bench_quantize(timer, device, shapes, table):
 
 def _operand(rows, k, device, tile=(1, 16)):
     x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-    d, s, a = kernels.quantize(x, tile=tile, rounding="nearest", signs=None, seed=None)
+    d, s, a = kernels.quantize(x, QuantizeArgs(tile=tile))
     return d, s, a
 
 

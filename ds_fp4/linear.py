@@ -25,13 +25,23 @@ a checkpointed RNG state reproduce a run exactly.
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import nvfp4, rng, stats
+from . import nvfp4, rng
 from .recipe import NVFP4Recipe
+
+
+class StatsSink(Protocol):
+    """Where a layer reports the tensors it quantized: ds_fp4.stats.LayerStats, installed by collect_stats.
+
+    A protocol rather than an import, so that the layer does not depend on the statistics that observe it.
+    """
+
+    def record(self, role: str, x: torch.Tensor, q: nvfp4.NVFP4Tensor, *, replace: bool = True) -> None: ...
 
 
 def _pack(t: nvfp4.NVFP4Tensor | None) -> tuple[list[torch.Tensor], tuple | None]:
@@ -59,8 +69,7 @@ def quantize_weight_operands(
     """W for fprop and, if asked, W^T for dgrad, following the weight policy."""
     policy = recipe.weight
     if policy.tile == (16, 16) and policy.rounding == "nearest" and need_transpose:
-        wq, wq_t = nvfp4.quantize_weight(weight, backend=recipe.backend)
-        return wq, (wq_t if need_transpose else None)
+        return nvfp4.quantize_weight(weight, backend=recipe.backend)
     wq = nvfp4.quantize(weight, tile=policy.tile, rounding=policy.rounding, backend=recipe.backend)
     if not need_transpose:
         return wq, None
@@ -86,21 +95,26 @@ def _gathered(weight: torch.Tensor):
 
 
 class NVFP4LinearFunction(torch.autograd.Function):
-    """y = x W^T + b with NVFP4 fprop, dgrad and wgrad."""
+    """y = x W^T + b with NVFP4 fprop, dgrad and wgrad.
+
+    ``grad_enabled`` is torch.is_grad_enabled() at the call: forward itself always runs without grad,
+    and ``ctx.needs_input_grad`` says only which inputs require grad, so under torch.no_grad it would
+    still quantize and save the backward operands (X^T with the RHT, W^T) for a backward that never runs.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: NVFP4Recipe,
-                stats_sink: dict | None = None):
+                stats_sink: StatsSink | None = None, grad_enabled: bool = True):
         in_features = weight.shape[1]
         x2 = x.reshape(-1, in_features)
-        need_dgrad = ctx.needs_input_grad[0]
-        need_wgrad = ctx.needs_input_grad[1]
+        need_dgrad = grad_enabled and ctx.needs_input_grad[0]
+        need_wgrad = grad_enabled and ctx.needs_input_grad[1]
         zero3 = hasattr(weight, "ds_id")
         wq, wq_t = quantize_weight_operands(weight, recipe, need_transpose=need_dgrad and not zero3)
         xq = nvfp4.quantize(x2, tile=recipe.input.tile, rounding=recipe.input.rounding, backend=recipe.backend)
         if stats_sink is not None:
-            stats_sink["input"] = stats.health(x2, xq)
-            stats_sink["weight"] = stats.health(weight, wq)
+            stats_sink.record("input", x2, xq)
+            stats_sink.record("weight", weight, wq)
         y = nvfp4.matmul(xq, wq, out_dtype=torch.float32, backend=recipe.backend)
         if bias is not None:
             y = y + bias.to(torch.float32)
@@ -147,7 +161,7 @@ class NVFP4LinearFunction(torch.autograd.Function):
             )
             dx = nvfp4.matmul(dyq, wq_t, out_dtype=ctx.x_dtype, backend=recipe.backend).reshape(ctx.x_shape)
             if ctx.stats_sink is not None:
-                ctx.stats_sink["grad"] = stats.health(dy2, dyq)
+                ctx.stats_sink.record("grad", dy2, dyq)
 
         if ctx.needs_input_grad[1]:
             dy2_t = _pad_rows(dy2).t()
@@ -160,12 +174,12 @@ class NVFP4LinearFunction(torch.autograd.Function):
                 backend=recipe.backend,
             )
             dw = nvfp4.matmul(dyq_t, xq_t, out_dtype=ctx.weight_dtype, backend=recipe.backend)
-            if ctx.stats_sink is not None and "grad" not in ctx.stats_sink:
-                ctx.stats_sink["grad"] = stats.health(dy2_t, dyq_t)
+            if ctx.stats_sink is not None:  # dgrad's dY, when there is one, stays the recorded figure
+                ctx.stats_sink.record("grad", dy2_t, dyq_t, replace=False)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.to(torch.float32).sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class NVFP4Linear(nn.Linear):
@@ -182,7 +196,7 @@ class NVFP4Linear(nn.Linear):
         check_linear_dims(self.in_features, self.out_features, recipe)
         self.recipe = recipe
         self.nvfp4_active = True
-        self.stats_sink: dict | None = None  # set by ds_fp4.stats.collect_stats
+        self.stats_sink: StatsSink | None = None  # set by ds_fp4.stats.collect_stats
 
     @classmethod
     def from_float(cls, mod: nn.Linear, recipe: NVFP4Recipe | None = None) -> NVFP4Linear:
@@ -200,7 +214,8 @@ class NVFP4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.nvfp4_active:
             return F.linear(x, self.weight, self.bias)
-        return NVFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, self.stats_sink)
+        return NVFP4LinearFunction.apply(x, self.weight, self.bias, self.recipe, self.stats_sink,
+                                         torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         r = self.recipe

@@ -19,6 +19,8 @@ the high word is recovered with a shift and a mask.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -32,10 +34,24 @@ _UNIFORM_SCALE = 4.6566127342e-10
 MAX_SEED = 2**63 - 1
 
 
+def check_seed(seed: int) -> int:
+    """``seed`` as an int in [0, MAX_SEED] (numpy integers pass too); ValueError naming it otherwise."""
+    if torch.compiler.is_compiling():
+        # torch.compile traces draw_seed()'s .item() as a symbolic int, in range by construction; checking
+        # it would need its runtime value (a graph break, an error under fullgraph=True).
+        return seed
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1]; got seed={seed!r}")
+    return value
+
+
 def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int) -> list[torch.Tensor]:
     """Philox4x32-10 of counters (counter_lo, counter_hi, 0, 0) under a 64-bit key; four int64 words."""
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1]; got {seed}")
+    seed = check_seed(seed)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0 = counter_lo.to(torch.int64) & _MASK32
     c1 = counter_hi.to(torch.int64) & _MASK32

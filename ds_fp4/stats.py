@@ -11,6 +11,9 @@ For each quantized tensor (a layer's input X, weight W, and output gradient dY) 
 
 Collection is off by default and costs one dequantize per tensor when on: the trainer switches it on
 for one micro-batch every ``stats_interval`` steps (:func:`collect_stats`) and reads the figures back.
+
+The dependency runs one way: this module imports the layer it observes, and the layer knows only the
+``record`` method of the :class:`LayerStats` it is handed (ds_fp4.linear.StatsSink).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from .hadamard import rht
+from .linear import NVFP4Linear
 from .nvfp4 import BLOCK, E4M3_MAX, NVFP4Tensor
 
 
@@ -30,8 +35,6 @@ def health(x: torch.Tensor, q: NVFP4Tensor) -> dict[str, float]:
     scale = q.scale.to(torch.float32)
     ref = x.detach().reshape(q.rows, q.cols).to(torch.float32)
     if q.hadamard_signs is not None:
-        from .hadamard import rht
-
         ref = rht(ref, q.hadamard_signs)
     block_max = ref.abs().view(q.rows, q.cols // BLOCK, BLOCK).amax(-1)
     nonzero = block_max > 0
@@ -43,6 +46,16 @@ def health(x: torch.Tensor, q: NVFP4Tensor) -> dict[str, float]:
     return {"amax": q.amax.item(), "underflow": underflow, "saturated": saturated, "sqnr_db": sqnr}
 
 
+class LayerStats(dict):
+    """One layer's figures, {role: health figures}, filled in by the layer as it quantizes."""
+
+    def record(self, role: str, x: torch.Tensor, q: NVFP4Tensor, *, replace: bool = True) -> None:
+        """Store the health of ``q`` (the quantization of ``x``) as ``role``; keep an earlier one unless
+        ``replace``."""
+        if replace or role not in self:
+            self[role] = health(x, q)
+
+
 @contextlib.contextmanager
 def collect_stats(model: nn.Module):
     """Within the block, every NVFP4Linear records the health of the tensors it quantizes.
@@ -50,12 +63,10 @@ def collect_stats(model: nn.Module):
     Yields a dict that fills in as forward and backward run: {layer name: {"input": {...},
     "weight": {...}, "grad": {...}}}; read it after the backward of the micro-batch.
     """
-    from .linear import NVFP4Linear
-
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, LayerStats] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and m.nvfp4_active]
     for name, layer in layers:
-        layer.stats_sink = results.setdefault(name, {})
+        layer.stats_sink = results.setdefault(name, LayerStats())
     try:
         yield results
     finally:

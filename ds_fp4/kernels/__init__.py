@@ -9,11 +9,13 @@ One kernel per file (autotune configs + @triton.jit kernel + launcher that check
   decode.py          NVFP4 -> dense (exact fp16 operands for the "dequant" GEMM strategy)
   gemm_epilogue.py   ((acc * g_dec_a) * g_dec_b).to(dtype) for the "dequant" strategy
   nvfp4_math.py      the shared @triton.jit arithmetic of docs/design.md §2 and the Philox stream (no kernel)
-  groups.py          16-element blocks held as tuples: RHT butterfly, block max, packing (no kernel)
+  blocks.py          16-element blocks held as tuples: RHT butterfly, block max, packing (no kernel)
   ops.py             torch.library custom ops + fake implementations (torch.compile)
 
-The functions below are the interface nvfp4.py calls. Round-to-nearest results equal
-``nvfp4.quantize_reference`` bit for bit, and so does stochastic rounding for the same seed (same
+The functions below are the interface ds_fp4/nvfp4.py calls, the same as ds_fp4/reference.py's; they
+trust their arguments, which nvfp4.py has validated (docs/design.md §7.18), while each launcher still
+checks its own tensor contract (shapes, dtypes, strides). Round-to-nearest results equal
+``ds_fp4.reference.quantize`` bit for bit, and so does stochastic rounding for the same seed (same
 Philox stream). On CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 set before
 this package is imported), which is how the tests exercise them.
 """
@@ -21,9 +23,10 @@ this package is imported), which is how the tests exercise them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
+
+from ..nvfp4_tensor import QuantizeArgs
 
 try:
     import triton  # noqa: F401
@@ -71,43 +74,21 @@ def _ops():
     return ops
 
 
-def quantize(
-    x2d: torch.Tensor,
-    *,
-    tile: tuple[int, int],
-    rounding: str,
-    signs: Sequence[int] | None,
-    seed: int | None,
-    scale_rounding: str = "nearest",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(x2d: torch.Tensor, args: QuantizeArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(data uint8 [M, K/2], scale float8_e4m3fn [M, K/16], amax fp32 0-dim) of x2d [M, K] (any strides).
 
-    signs: None, or the RHT sign vector to apply along K first. seed: required for "stochastic".
-    scale_rounding: "nearest" (the spec) or "up" (1x16 only; see nvfp4.quantize_reference).
+    The interface of ds_fp4.reference.quantize; ``args`` comes validated from ds_fp4.nvfp4.quantize.
     """
-    from .nvfp4_math import signs_mask
+    from .nvfp4_math import signs_mask  # imports triton: only once the kernels are known to be available
 
-    tile = tuple(tile)
-    if tile not in ((1, 16), (16, 16)):
-        raise ValueError(f"tile must be (1, 16) or (16, 16); got {tile!r}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic'; got {rounding!r}")
-    stochastic = rounding == "stochastic"
-    if stochastic and seed is None:
-        raise ValueError("rounding='stochastic' needs a seed; got seed=None")
-    if signs is not None and (len(signs) != 16 or any(s not in (1, -1) for s in signs)):
-        raise ValueError(f"signs must be 16 values, each +1 or -1; got {signs!r}")
-    if scale_rounding not in ("nearest", "up"):
-        raise ValueError(f"scale_rounding must be 'nearest' or 'up'; got {scale_rounding!r}")
-    if scale_rounding == "up" and tile != (1, 16):
-        raise ValueError(f"scale_rounding='up' is implemented for 1x16 blocks only; got tile {tile}")
-    mask = -1 if signs is None else signs_mask(signs)
-    return _ops().quantize_op(x2d, tile[0], stochastic, mask, int(seed) if stochastic else 0,
-                              scale_rounding == "up")
+    mask = -1 if args.signs is None else signs_mask(args.signs)
+    seed = args.seed if args.stochastic else 0
+    return _ops().quantize_op(x2d, args.tile[0], args.stochastic, mask, seed, args.scale_rounding == "up")
 
 
 def quantize_weight(w2d: torch.Tensor):
-    """16x16 nearest: (data, scale, data_t, scale_t, amax) of W and W^T in one pass over W."""
+    """16x16 nearest: (data, scale, data_t, scale_t, amax) of W and W^T in one pass over W (2D, checked by
+    ds_fp4.nvfp4.quantize_weight)."""
     return _ops().quantize_weight_op(w2d)
 
 

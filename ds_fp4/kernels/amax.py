@@ -2,7 +2,7 @@
 
 NVFP4's global scale comes from the current tensor's amax, so quantizing is two passes over the input:
 this reduction, then the block-scale + code pass of quantize_1x16.py / quantize_16x16.py. With
-``HADAMARD`` the random Hadamard transform is applied to each 16-element group first (the amax of the
+``HADAMARD`` the random Hadamard transform is applied to each 16-element block first (the amax of the
 transformed tensor is what the wgrad operands need); the quantize pass recomputes the transform
 rather than storing it, trading a little arithmetic for a full write + read of the tensor.
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import groups as gr
+from . import blocks as bl
 from . import nvfp4_math as nm
 from ._launch import INTERPRET, check_2d_input, launch_options
 
@@ -40,9 +40,9 @@ def _amax_kernel(x_ptr, amax_bits_ptr, M, K, stride_xm, stride_xk, HADAMARD: tl.
     if HADAMARD:
         # Blocks as 16-tuples, as in quantize_1x16.py, so the butterfly is elementwise.
         R: tl.constexpr = BM * G
-        rows, groups, ok = gr.program_groups(M, K, BM, G, ROW_CONTIG)
-        x = gr.rht_group(gr.load_group(x_ptr, rows, groups, ok, stride_xm, stride_xk, R, ROW_CONTIG), SIGNS)
-        tile_max = tl.max(gr.group_absmax(x), axis=0)
+        rows, blocks, ok = bl.program_blocks(M, K, BM, G, ROW_CONTIG)
+        x = bl.rht_block(bl.load_blocks(x_ptr, rows, blocks, ok, stride_xm, stride_xk, R, ROW_CONTIG), SIGNS)
+        tile_max = tl.max(bl.block_absmax(x), axis=0)
     else:
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * (16 * G) + tl.arange(0, 16 * G)

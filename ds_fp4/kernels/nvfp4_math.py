@@ -1,7 +1,7 @@
 """Device functions shared by the NVFP4 kernels: the arithmetic of docs/design.md §2 and the Philox stream.
 
 No kernel lives here; each kernel file imports these ``@triton.jit`` helpers. They reproduce
-:func:`ds_fp4.nvfp4.quantize_reference` bit for bit, on the GPU and in the interpreter, which
+:func:`ds_fp4.reference.quantize` bit for bit, on the GPU and in the interpreter, which
 dictates how they are written:
 
 * Divisions use ``tl.math.div_rn`` (IEEE round-to-nearest). A plain ``/`` on fp32 lowers to the
@@ -132,7 +132,7 @@ def e4m3_to_f32(code):
 def block_encode_scale(bmax, g_enc, g_dec, SCALE_UP: tl.constexpr = False):
     """Steps 3-4 for block maxima ``bmax``: (E4M3 code as int32, fp32 encode multiplier ``enc``).
 
-    SCALE_UP: round the scale up instead of to nearest (nvfp4.quantize_reference's scale_rounding="up").
+    SCALE_UP: round the scale up instead of to nearest (ds_fp4.reference.quantize's scale_rounding="up").
     """
     s = bmax * (g_enc * ONE_SIXTH)
     s = tl.where(s > 448.0, 448.0, s)  # also maps inf; s >= 0 or NaN, so no lower clamp is needed

@@ -5,6 +5,7 @@ host; as custom ops the launchers are opaque nodes whose output shapes come from
 implementations below, so a model using NVFP4Linear compiles (graph breaks are avoided, the kernels
 run as they are). Arguments are flattened to schema types: the tile as its row count, the RHT signs
 as a 16-bit mask (-1 = none), rounding as a bool, and a seed that is ignored for nearest rounding.
+The ops trust their arguments (ds_fp4.nvfp4 validated them); tile_rows is 1 or 16.
 """
 
 from __future__ import annotations
@@ -31,13 +32,8 @@ def quantize_op(
     x: torch.Tensor, tile_rows: int, stochastic: bool, signs_mask: int, seed: int, scale_up: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask = None if signs_mask < 0 else signs_mask
-    if tile_rows == 1:
-        return quantize_1x16(x, stochastic=stochastic, signs_mask=mask, seed=seed, scale_up=scale_up)
-    if scale_up:
-        raise ValueError("ds_fp4::quantize: scale rounding 'up' is implemented for 1x16 blocks only")
-    if tile_rows == 16:
-        return quantize_16x16(x, stochastic=stochastic, signs_mask=mask, seed=seed)
-    raise ValueError(f"ds_fp4::quantize: tile_rows must be 1 or 16; got {tile_rows}")
+    launcher = quantize_1x16 if tile_rows == 1 else quantize_16x16
+    return launcher(x, stochastic=stochastic, signs_mask=mask, seed=seed, scale_up=scale_up)
 
 
 @quantize_op.register_fake

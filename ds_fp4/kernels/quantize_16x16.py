@@ -6,8 +6,9 @@ decode identically"), so the kernel encodes each tile once and stores it twice: 
 and the transposed bytes (codes of rows 2i and 2i+1 paired into one byte of W^T). That replaces a
 second quantization (another full read of the fp32 master weight) by a transpose in registers.
 
-Without ``WRITE_T`` it is the general 16x16 quantizer (any rounding, optional RHT) behind
-``ds_fp4.quantize(x, tile=(16, 16))``. Arithmetic and Philox indexing are those of quantize_1x16.py.
+Without ``WRITE_T`` it is the general 16x16 quantizer (any rounding, optional RHT, block scales rounded
+to nearest or up) behind ``ds_fp4.quantize(x, tile=(16, 16))``. Arithmetic and Philox indexing are those
+of quantize_1x16.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import groups as gr
+from . import blocks as bl
 from . import nvfp4_math as nm
 from ._launch import INTERPRET, check_2d_input, launch_options
 from .amax import tensor_amax_bits
@@ -34,12 +35,12 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "K", "HADAMARD", "STOCHASTIC", "WRITE_T"])
+@triton.autotune(configs=_configs(), key=["M", "K", "HADAMARD", "STOCHASTIC", "WRITE_T", "SCALE_UP"])
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_16x16_kernel(x_ptr, data_ptr, scale_ptr, data_t_ptr, scale_t_ptr, amax_bits_ptr, seed,
                            M, K, stride_xm, stride_xk,
                            HADAMARD: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                           WRITE_T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                           WRITE_T: tl.constexpr, SCALE_UP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -54,10 +55,10 @@ def _quantize_16x16_kernel(x_ptr, data_ptr, scale_ptr, data_t_ptr, scale_t_ptr, 
     TM: tl.constexpr = BM // 16
     TK: tl.constexpr = BK // 16
     if HADAMARD:
-        x = gr.rht16(tl.reshape(x, [BM * TK, 16]), BM * TK, SIGNS)
+        x = bl.rht16(tl.reshape(x, [BM * TK, 16]), BM * TK, SIGNS)
     x = tl.reshape(x, [TM, 16, TK, 16])
     tmax = tl.max(tl.max(nm.abs_bits(x), axis=3), axis=1).to(tl.float32, bitcast=True)  # [TM, TK]
-    scale_code, enc = nm.block_encode_scale(tmax, g_enc, g_dec)
+    scale_code, enc = nm.block_encode_scale(tmax, g_enc, g_dec, SCALE_UP)
     v = x * enc[:, None, :, None]
     if STOCHASTIC:
         u = nm.philox_uniforms(seed, rm, pid_k * BK, K, BM, BK)
@@ -92,7 +93,7 @@ def _check_16x16(name: str, x2d: torch.Tensor) -> None:
         raise ValueError(f"{name} needs both dims divisible by 16 (16x16 tiles); got shape {tuple(x2d.shape)}")
 
 
-def _launch(x2d, write_t, stochastic, signs_mask, seed):
+def _launch(x2d, write_t, stochastic, signs_mask, seed, scale_up):
     m, k = x2d.shape
     dev = x2d.device
     amax_bits = tensor_amax_bits(x2d, signs_mask)
@@ -109,20 +110,26 @@ def _launch(x2d, write_t, stochastic, signs_mask, seed):
             x2d, data, scale, data_t, scale_t, amax_bits, int(seed) if stochastic else 0,
             m, k, x2d.stride(0), x2d.stride(1),
             HADAMARD=signs_mask is not None, SIGNS=signs_mask or 0, STOCHASTIC=stochastic, WRITE_T=write_t,
-            **launch_options(),
+            SCALE_UP=bool(scale_up), **launch_options(),
         )
     amax = amax_bits.view(torch.float32).reshape(())
     return data, scale.view(torch.float8_e4m3fn), data_t, scale_t.view(torch.float8_e4m3fn), amax
 
 
 def quantize_16x16(
-    x2d: torch.Tensor, *, stochastic: bool = False, signs_mask: int | None = None, seed: int | None = None
+    x2d: torch.Tensor,
+    *,
+    stochastic: bool = False,
+    signs_mask: int | None = None,
+    seed: int | None = None,
+    scale_up: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """16x16-tile quantization of x2d [M, K] (any strides; M, K % 16 == 0): (data, scale, amax)."""
+    """16x16-tile quantization of x2d [M, K] (any strides; M, K % 16 == 0): (data, scale, amax).
+
+    Arguments as for quantize_1x16.quantize_1x16 (seed: 0 <= seed < 2**63, required with ``stochastic``).
+    """
     _check_16x16("quantize_16x16", x2d)
-    if stochastic and (seed is None or not 0 <= int(seed) < 2**63):
-        raise ValueError(f"stochastic rounding needs a seed in [0, 2**63); got seed={seed!r}")
-    data, scale, _, _, amax = _launch(x2d, False, stochastic, signs_mask, seed)
+    data, scale, _, _, amax = _launch(x2d, False, stochastic, signs_mask, seed, scale_up)
     return data, scale, amax
 
 
@@ -130,7 +137,7 @@ def quantize_weight(w2d: torch.Tensor):
     """16x16 nearest quantization of W [N, K] and of W^T in one pass.
 
     Returns (data [N, K/2], scale [N, K/16], data_t [K, N/2], scale_t [K, N/16], amax): the first two
-    equal quantize_reference(w, (16, 16)), the next two its .t().
+    equal ds_fp4.reference.quantize_weight's.
     """
     _check_16x16("quantize_weight", w2d)
-    return _launch(w2d, True, False, None, None)
+    return _launch(w2d, True, False, None, None, False)

@@ -7,7 +7,7 @@ for a contiguous copy: with unit stride along K a block is one vector load, othe
 elements are 16 loads that coalesce along M.
 
 Each program owns BM rows x G blocks of 16 and holds every block as a 16-tuple of [R] tensors
-(nvfp4_math "groups"), so a thread owns whole blocks: the RHT butterfly (recomputed here, never
+(blocks.py), so a thread owns whole blocks: the RHT butterfly (recomputed here, never
 stored), the block max, the scale and the codes are elementwise, the 16 nibbles of a block are
 packed into two int32 words and written with one 8-byte store, the scale with one byte store.
 (Written as [rows, 16] tiles with reshapes, the same arithmetic compiled to 2-3x more instructions
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import groups as gr
+from . import blocks as bl
 from . import nvfp4_math as nm
 from ._launch import INTERPRET, check_2d_input, launch_options
 from .amax import tensor_amax_bits
@@ -47,24 +47,24 @@ def _quantize_1x16_kernel(x_ptr, data_ptr, scale_ptr, amax_bits_ptr, seed, M, K,
                           HADAMARD: tl.constexpr, SIGNS: tl.constexpr, STOCHASTIC: tl.constexpr,
                           ROW_CONTIG: tl.constexpr, SCALE_UP: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
     R: tl.constexpr = BM * G
-    rows, groups, ok = gr.program_groups(M, K, BM, G, ROW_CONTIG)
-    x = gr.load_group(x_ptr, rows, groups, ok, stride_xm, stride_xk, R, ROW_CONTIG)
+    rows, blocks, ok = bl.program_blocks(M, K, BM, G, ROW_CONTIG)
+    x = bl.load_blocks(x_ptr, rows, blocks, ok, stride_xm, stride_xk, R, ROW_CONTIG)
     if HADAMARD:
-        x = gr.rht_group(x, SIGNS)
+        x = bl.rht_block(x, SIGNS)
 
     g_enc, g_dec = nm.global_scales(tl.load(amax_bits_ptr).to(tl.float32, bitcast=True))
-    bmax = gr.group_absmax(x).to(tl.float32, bitcast=True)
+    bmax = bl.block_absmax(x).to(tl.float32, bitcast=True)
     scale_code, enc = nm.block_encode_scale(bmax, g_enc, g_dec, SCALE_UP)
     if STOCHASTIC:
-        rnd = gr.group_uniforms(seed, rows, groups, K)
+        rnd = bl.block_uniforms(seed, rows, blocks, K)
     else:
         rnd = None
-    lo, hi = gr.encode_group(x, enc, rnd, STOCHASTIC)
+    lo, hi = bl.encode_block(x, enc, rnd, STOCHASTIC)
 
-    # data is addressed as int32 words: a group's 16 nibbles are 8 bytes, words 2g and 2g + 1.
-    words = rows.to(tl.int64) * (K // 8) + groups * 2
+    # data is addressed as int32 words: a block's 16 nibbles are 8 bytes, words 2b and 2b + 1.
+    words = rows.to(tl.int64) * (K // 8) + blocks * 2
     tl.store(data_ptr + words[:, None] + tl.arange(0, 2)[None, :], tl.join(lo, hi), mask=ok[:, None])
-    tl.store(scale_ptr + rows.to(tl.int64) * (K // 16) + groups, scale_code.to(tl.uint8), mask=ok)
+    tl.store(scale_ptr + rows.to(tl.int64) * (K // 16) + blocks, scale_code.to(tl.uint8), mask=ok)
 
 
 def quantize_1x16(
@@ -79,13 +79,11 @@ def quantize_1x16(
     """Quantize x2d [M, K] (any strides) along K: (data uint8 [M, K/2], scale e4m3 [M, K/16], amax fp32 0-dim).
 
     signs_mask: None, or the RHT signs as a 16-bit mask (nvfp4_math.signs_mask) to transform first.
-    seed: required with ``stochastic``; the Philox key (0 <= seed < 2**63).
+    seed: required with ``stochastic``; the Philox key (0 <= seed < 2**63, as ds_fp4.nvfp4 checks).
     scale_up: block scales rounded up, not to nearest (no clamping; NVFP4 communication uses it).
     _amax_bits: pass 1's result (amax.tensor_amax_bits) to run pass 2 alone; for bench/kernels.py.
     """
     check_2d_input("quantize_1x16", x2d)
-    if stochastic and (seed is None or not 0 <= int(seed) < 2**63):
-        raise ValueError(f"stochastic rounding needs a seed in [0, 2**63); got seed={seed!r}")
     m, k = x2d.shape
     dev = x2d.device
     amax_bits = tensor_amax_bits(x2d, signs_mask) if _amax_bits is None else _amax_bits

@@ -1,7 +1,8 @@
 """An independent, deliberately naive implementation of the NVFP4 spec (docs/design.md §2) in numpy float32.
 
-It shares no code with ds_fp4.nvfp4: E4M3 rounding is done with frexp/rint instead of torch's cast,
-E2M1 rounding with the spec's threshold table. Tests compare the reference against it bit for bit.
+It shares no code with ds_fp4's numerics (ds_fp4.reference, ds_fp4.e2m1): E4M3 rounding is done with
+frexp/rint instead of torch's cast, E2M1 rounding with the spec's threshold table instead of lookup
+tables. Tests compare the reference against it bit for bit.
 """
 
 import numpy as np

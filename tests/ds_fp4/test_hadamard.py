@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ds_fp4 import hadamard
+from ds_fp4 import hadamard, nvfp4
 
 
 def test_sylvester_matrix_entries_and_orthogonality():
@@ -20,8 +20,30 @@ def test_random_hadamard_matrix_is_orthogonal(signs):
     torch.testing.assert_close(m @ m.t(), torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-15)
 
 
-def test_default_signs_are_the_design_vector():
+def test_signs_change_the_quantized_wgrad_operands_but_cancel_in_the_product():
+    """The sign vector decides which codes the RHT-quantized wgrad operands get; H stays orthogonal for
+    any signs, so the unquantized dY^T X through the transform does not depend on them."""
+    # Transformer Engine's wgrad sign vector: the same RHT gives the same codes, so tensors interoperate.
     assert hadamard.DEFAULT_SIGNS == (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+    other = tuple(-s if i % 3 == 0 else s for i, s in enumerate(hadamard.DEFAULT_SIGNS))
+    g = torch.Generator().manual_seed(0)
+    tokens, n, k = 64, 32, 48
+    dy = torch.randn(tokens, n, generator=g)
+    x = torch.randn(tokens, k, generator=g)
+    plain = dy.double().t() @ x.double()
+    operands = {}
+    for signs in (hadamard.DEFAULT_SIGNS, other):
+        dyq_t = nvfp4.quantize(dy.t(), rounding="stochastic", hadamard=signs, seed=3)  # as NVFP4Linear's wgrad
+        xq_t = nvfp4.quantize(x.t(), hadamard=signs)
+        operands[signs] = (dyq_t, xq_t)
+        through = hadamard.rht(dy.t(), signs).double() @ hadamard.rht(x.t(), signs).double().t()
+        torch.testing.assert_close(through, plain, rtol=1e-5, atol=1e-5)
+        assert dyq_t.hadamard_signs == signs and xq_t.hadamard_signs == signs
+    for a, b in zip(operands[hadamard.DEFAULT_SIGNS], operands[other], strict=True):
+        assert not torch.equal(a.data, b.data), "other signs must give other codes"
+    for dyq_t, xq_t in operands.values():  # either way the quantized wgrad estimates dY^T X (15.5 and 16 dB here)
+        dw = nvfp4.matmul(dyq_t, xq_t).double()
+        assert 10 * torch.log10(plain.pow(2).sum() / (dw - plain).pow(2).sum()) > 13
 
 
 def test_butterfly_equals_matrix_product_and_inverts():

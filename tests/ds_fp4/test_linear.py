@@ -125,11 +125,34 @@ def test_dims_not_divisible_by_16_raise(in_f, out_f, name):
         NVFP4Linear(in_f, out_f)
 
 
-def test_no_grad_inference_saves_nothing_and_works():
+def test_no_grad_inference_saves_nothing_and_works(monkeypatch):
+    """Under no_grad the layer builds no graph, saves no tensor for backward and does not even quantize
+    the backward operands (X^T with the RHT, W^T); its output equals the training forward's bit for bit."""
     _, q = _pair()
-    with torch.no_grad():
-        y = q(torch.randn(4, 128))
-    assert y.shape == (4, 96)
+    x = torch.randn(4, 128)
+    quantized = []  # (what, hadamard) of every quantization the layer runs
+    real_quantize, real_quantize_weight = nvfp4.quantize, nvfp4.quantize_weight
+    monkeypatch.setattr(nvfp4, "quantize", lambda t, **kw: quantized.append(("quantize", kw.get("hadamard")))
+                        or real_quantize(t, **kw))
+    monkeypatch.setattr(nvfp4, "quantize_weight", lambda w, **kw: quantized.append(("quantize_weight", None))
+                        or real_quantize_weight(w, **kw))
+    saved = []
+
+    def run(grad: bool) -> torch.Tensor:
+        quantized.clear()
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.set_grad_enabled(grad):
+                return q(x.clone().requires_grad_())  # an input that requires grad: dgrad would be wanted
+
+    y_train = run(grad=True)
+    assert y_train.grad_fn is not None and len(saved) == 6  # X^T and W^T, each data, scale and amax
+    assert quantized == [("quantize_weight", None), ("quantize", None), ("quantize", hadamard.DEFAULT_SIGNS)]
+    y = run(grad=False)
+    assert y.grad_fn is None and not y.requires_grad
+    assert saved == [], "nothing may be kept for a backward that cannot run"
+    assert quantized == [("quantize", None), ("quantize", None)]  # W for fprop, X for fprop: nothing else
+    assert y.shape == (4, 96) and torch.equal(y, y_train.detach())
 
 
 def test_collect_stats_reports_health_of_input_weight_and_grad():
@@ -148,6 +171,12 @@ def test_collect_stats_reports_health_of_input_weight_and_grad():
         assert 0 < tensor["saturated"] <= 1 and tensor["underflow"] == 0
     assert layer["input"]["amax"] == x.abs().max().item()
     assert q.stats_sink is None  # switched off again
+    # x needs no grad above, so "grad" is wgrad's RHT operand; with dgrad it is dgrad's plain dY.
+    xg = x.clone().requires_grad_()
+    with collect_stats(model) as figures:
+        y = model(xg)
+        y.backward(2 * y.detach())
+    assert figures["0"]["grad"]["amax"] == (2 * y.detach()).abs().max().item() != layer["grad"]["amax"]
     # Outside the block nothing is collected.
     model(x).sum().backward()
     assert q.stats_sink is None

@@ -11,9 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_fp4 import nvfp4
+from ds_fp4 import e2m1, nvfp4, reference
 from ds_fp4.nvfp4 import NVFP4Tensor, quantize
 
+from .spec import e2m1_nearest as spec_e2m1_nearest
 from .spec import quantize_dequantize as spec_qdq
 
 
@@ -39,6 +40,20 @@ def test_e2m1_table_and_sign_bit():
 def test_e2m1_round_to_nearest_ties_to_even(value, expected):
     code = nvfp4.encode_nearest(torch.tensor([value], dtype=torch.float32))
     assert nvfp4.decode_e2m1(code).item() == expected
+
+
+def test_lookup_tables_follow_the_spec_table_on_every_quarter_and_between():
+    """Rounding by table (index floor(4|v|)) equals the spec's threshold table for every multiple of 1/4 in
+    [0, 6], one fp32 ulp on either side of it, and the midpoints; decoding uses the same values table."""
+    quarters = torch.arange(25, dtype=torch.float32) / 4
+    ulp = torch.finfo(torch.float32).eps * quarters.clamp(min=2.0**-126)
+    a = torch.cat([quarters, quarters + ulp, (quarters - ulp).clamp(min=0), quarters + 0.125]).clamp(max=6)
+    v = torch.cat([a, -a])
+    np.testing.assert_array_equal(nvfp4.decode_e2m1(nvfp4.encode_nearest(v)).numpy(),
+                                  spec_e2m1_nearest(v.numpy()))
+    t = e2m1.tables(torch.device("cpu"))
+    assert t is e2m1.tables(torch.device("cpu")), "one cached set of tables per device"
+    assert t.pairs.shape == (256, 2) and torch.equal(t.pairs[0x4F], torch.tensor([-6.0, 2.0]))
 
 
 def test_packing_puts_the_even_element_in_the_low_nibble():
@@ -138,7 +153,7 @@ def test_blockwise_error_is_bounded_by_the_spec(rows, blocks, log_scale, spread,
     q = quantize(x, tile=tile)
     err = (x - q.dequantize()).abs().view(rows, k // 16, 16)
     S = _decoded_block_scale(q).unsqueeze(-1)
-    b = nvfp4._block_amax(x.abs(), tile).unsqueeze(-1)
+    b = reference.block_amax(x.abs(), tile).unsqueeze(-1)
     slack = 1 + 1e-5
     assert torch.all(err <= torch.maximum(S, b - 6 * S) * slack)
     normal = (q.scale.to(torch.float32) >= 2.0**-6).unsqueeze(-1).expand_as(err)
@@ -197,11 +212,30 @@ def test_zero_rows_quantize_but_a_zero_last_dim_raises_naming_the_shape():
         (dict(rounding="up"), "rounding must be one of"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(hadamard=[1, -1, 1]), "16 values"),
+        (dict(scale_rounding="down"), "scale_rounding must be one of"),
+        (dict(rounding="stochastic", seed=-1), r"seed must be an integer in \[0, 2\*\*63 - 1\].*got seed=-1"),
+        (dict(rounding="stochastic", seed=2**63), "got seed=9223372036854775808"),
+        (dict(rounding="stochastic", seed=1.5), "got seed=1.5"),
+        (dict(seed="7"), "got seed='7'"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quantize(torch.randn(16, 32), **kwargs)
+
+
+def test_seed_accepts_integer_types_and_the_full_range():
+    x = torch.randn(16, 32)
+    q = quantize(x, rounding="stochastic", seed=np.int64(9))
+    assert torch.equal(q.data, quantize(x, rounding="stochastic", seed=9).data)
+    quantize(x, rounding="stochastic", seed=2**63 - 1)
+    quantize(x, rounding="stochastic", seed=0)
+
+
+@pytest.mark.parametrize("bad", [torch.randn(32), torch.randn(2, 16, 32), [[1.0] * 16] * 16])
+def test_quantize_weight_needs_a_2d_tensor(bad):
+    with pytest.raises(ValueError, match="2D weight tensor"):
+        nvfp4.quantize_weight(bad)
 
 
 def test_bad_dtype_raises():
@@ -233,6 +267,11 @@ def test_gemm_rejects_mismatched_operands():
         nvfp4.matmul(quantize(torch.randn(16, 32)), quantize(torch.randn(16, 48)))
     with pytest.raises(ValueError, match="Hadamard"):
         nvfp4.matmul(quantize(torch.randn(16, 32), hadamard=True), quantize(torch.randn(16, 32)))
+    a = quantize(torch.randn(16, 32))
+    with pytest.raises(ValueError, match="out_dtype must be one of .*got torch.float64"):
+        nvfp4.matmul(a, a, out_dtype=torch.float64)
+    with pytest.raises(TypeError, match="operand b must be an NVFP4Tensor .*got Tensor"):
+        nvfp4.matmul(a, torch.randn(16, 32))
 
 
 def test_nbytes_is_4_5_bits_per_element_plus_amax():

@@ -66,7 +66,8 @@ def _quantize_args(kernel_name: str, dtype: str, strided: bool, **flags):
     if kernel_name == "1x16":
         return {**out, "data_ptr": "*i32", "ROW_CONTIG": not strided, "SCALE_UP": flags.get("SCALE_UP", False),
                 "BM": 32, "G": 16}
-    return {**out, "data_t_ptr": "*u8", "scale_t_ptr": "*u8", "WRITE_T": flags["WRITE_T"], "BM": 32, "BK": 128}
+    return {**out, "data_t_ptr": "*u8", "scale_t_ptr": "*u8", "WRITE_T": flags["WRITE_T"],
+            "SCALE_UP": flags.get("SCALE_UP", False), "BM": 32, "BK": 128}
 
 
 def _gemm_args(native: bool, fp8: bool, bm=128, bn=128, bk=128):
@@ -117,6 +118,9 @@ def variants():
                 _quantize_args("16x16", "fp32", False, HADAMARD=False, STOCHASTIC=False, WRITE_T=True), div))
     out.append(("quantize_16x16_rht_sr_bf16_sm80", 80, quantize_16x16._quantize_16x16_kernel.fn,
                 _quantize_args("16x16", "bf16", False, HADAMARD=True, STOCHASTIC=True, WRITE_T=False), div))
+    out.append(("quantize_16x16_sr_scale_up_fp32_sm90", 90, quantize_16x16._quantize_16x16_kernel.fn,
+                _quantize_args("16x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, WRITE_T=False,
+                               SCALE_UP=True), div))
     return out
 
 

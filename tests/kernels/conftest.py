@@ -102,6 +102,11 @@ ADVERSARIAL = ("zeros", "all_equal", "huge", "tiny", "wide_range", "scale_subnor
                "nan", "inf", "neg_inf")
 
 
+def reference(x: torch.Tensor, **kwargs) -> nvfp4.NVFP4Tensor:
+    """The torch reference quantization of ``x`` on the CPU: nvfp4.quantize(..., backend="torch")."""
+    return nvfp4.quantize(x.cpu(), backend="torch", **kwargs)
+
+
 def assert_same_quantization(got, ref: nvfp4.NVFP4Tensor) -> None:
     """Bit-exact codes, scale bit patterns and amax (NaN matches NaN), NaN blocks included: a block
     whose max is NaN gets code 0 and the positive-NaN scale 0x7F in both the kernels and the reference."""

@@ -77,6 +77,7 @@ def test_emulated_gemm_uses_fp16_tensor_cores_on_sm90_and_sm80(compiled):
     "amax_rht_bf16_strided_sm90", "amax_bf16_contig_sm90", "quantize_1x16_bf16_contig_sm90",
     "quantize_1x16_rht_sr_bf16_strided_sm90", "quantize_1x16_rht_sr_bf16_contig_sm90",
     "quantize_1x16_fp32_contig_sm80", "quantize_weight_fp32_sm90", "quantize_16x16_rht_sr_bf16_sm80",
+    "quantize_1x16_sr_scale_up_fp32_contig_sm90", "quantize_16x16_sr_scale_up_fp32_sm90",
     "decode_fp16_sm90", "gemm_epilogue_bf16_sm90",
 ])
 def test_quantize_and_helper_kernels_compile_with_ieee_division(compiled, name):

@@ -18,7 +18,7 @@ from ds_fp4.hadamard import DEFAULT_SIGNS
 from ds_fp4.kernels import gemm
 from ds_fp4.kernels._launch import INTERPRET
 
-from .conftest import DEVICE, adversarial
+from .conftest import DEVICE, adversarial, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -26,7 +26,7 @@ ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _q(x: torch.Tensor, **kw) -> nvfp4.NVFP4Tensor:
-    q = nvfp4.quantize_reference(x, **kw)
+    q = reference(x, **kw)
     return nvfp4.NVFP4Tensor(q.data.to(DEVICE), q.scale.to(DEVICE), q.amax.to(DEVICE), q.shape, q.tile,
                              q.hadamard_signs)
 
@@ -37,7 +37,7 @@ def _cpu(t: nvfp4.NVFP4Tensor) -> nvfp4.NVFP4Tensor:
 
 def assert_gemm_close(c: torch.Tensor, a: nvfp4.NVFP4Tensor, b: nvfp4.NVFP4Tensor, out_dtype) -> None:
     a, b = _cpu(a), _cpu(b)
-    ref = nvfp4.matmul_reference(a, b, torch.float32)
+    ref = nvfp4.matmul(a, b, torch.float32, backend="torch")
     assert c.dtype == out_dtype and c.shape == ref.shape
     k = a.cols
     mag = (a.scaled_codes().abs() @ b.scaled_codes().abs().t()) * a.global_decode_scale * b.global_decode_scale
@@ -78,7 +78,7 @@ def test_gemm_recipe_operands(strategy, fp8):
     g = torch.Generator().manual_seed(9)
     x, w, dy = torch.randn(48, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(48, 32, generator=g)
     w_q = _q(w, tile=(16, 16))
-    w_t = nvfp4.quantize_reference(w, tile=(16, 16)).t()
+    w_t = reference(w, tile=(16, 16)).t()
     w_t = nvfp4.NVFP4Tensor(w_t.data.to(DEVICE), w_t.scale.to(DEVICE), w_t.amax.to(DEVICE), w_t.shape, w_t.tile)
     pairs = [
         (_q(x), w_q),

@@ -11,7 +11,7 @@ from torch import nn
 from ds_fp4 import kernels, nvfp4
 from ds_fp4.kernels import decode, gemm, gemm_epilogue, quantize_1x16, quantize_16x16
 
-from .conftest import DEVICE
+from .conftest import DEVICE, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -46,23 +46,9 @@ def test_16x16_needs_rows_divisible_by_16():
         kernels.quantize_weight(torch.zeros(8, 16))
 
 
-def test_interface_rejects_bad_arguments():
-    x = torch.zeros(16, 32)
-    with pytest.raises(ValueError, match=r"tile must be .*got \(2, 16\)"):
-        kernels.quantize(x, tile=(2, 16), rounding="nearest", signs=None, seed=None)
-    with pytest.raises(ValueError, match="'up'"):
-        kernels.quantize(x, tile=(1, 16), rounding="up", signs=None, seed=None)
-    with pytest.raises(ValueError, match="seed=None"):
-        kernels.quantize(x, tile=(1, 16), rounding="stochastic", signs=None, seed=None)
-    with pytest.raises(ValueError, match=r"got \(1, 2\)"):
-        kernels.quantize(x, tile=(1, 16), rounding="nearest", signs=(1, 2), seed=None)
-    with pytest.raises(ValueError, match=r"got seed=-1"):
-        quantize_1x16.quantize_1x16(x, stochastic=True, seed=-1)
-
-
 def _operands(m=16, n=8, k=32):
-    a = nvfp4.quantize_reference(torch.randn(m, k))
-    b = nvfp4.quantize_reference(torch.randn(n, k))
+    a = reference(torch.randn(m, k))
+    b = reference(torch.randn(n, k))
     return [a.data, a.scale, a.amax, b.data, b.scale, b.amax]
 
 
@@ -100,7 +86,7 @@ def test_gemm_launcher_rejects_bad_options():
 
 def test_custom_ops_pass_opcheck():
     x = torch.randn(32, 48, device=DEVICE)
-    q = nvfp4.quantize_reference(x.cpu())
+    q = reference(x)
     u8 = torch.uint8
     d, s, a = q.data.to(DEVICE), q.scale.view(u8).to(DEVICE), q.amax.to(DEVICE)
     cases = [

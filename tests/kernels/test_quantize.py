@@ -1,4 +1,4 @@
-"""Quantize kernels against ds_fp4.nvfp4.quantize_reference: bit for bit, nearest and stochastic."""
+"""Quantize kernels against the torch reference (ds_fp4.reference): bit for bit, nearest and stochastic."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ds_fp4 import kernels, nvfp4, rng
-from ds_fp4.hadamard import DEFAULT_SIGNS
+from ds_fp4.hadamard import DEFAULT_SIGNS, rht
+from ds_fp4.nvfp4 import QuantizeArgs
 
-from .conftest import ADVERSARIAL, DEVICE, adversarial, assert_same_quantization, layout
+from .conftest import ADVERSARIAL, DEVICE, adversarial, assert_same_quantization, layout, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -21,8 +22,8 @@ def _signs(hadamard: bool):
 
 
 def _check(x: torch.Tensor, tile, hadamard: bool, rounding: str = "nearest", seed: int | None = None):
-    got = kernels.quantize(x.to(DEVICE), tile=tile, rounding=rounding, signs=_signs(hadamard), seed=seed)
-    ref = nvfp4.quantize_reference(x.cpu(), tile=tile, rounding=rounding, hadamard=hadamard, seed=seed)
+    got = kernels.quantize(x.to(DEVICE), QuantizeArgs(tile, rounding, _signs(hadamard), seed))
+    ref = reference(x, tile=tile, rounding=rounding, hadamard=hadamard, seed=seed)
     assert_same_quantization(got, ref)
 
 
@@ -70,9 +71,9 @@ def test_stochastic_adversarial_bit_exact(case):
 
 def test_stochastic_deterministic_and_seed_dependent():
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    first = kernels.quantize(x, tile=(1, 16), rounding="stochastic", signs=None, seed=7)
-    again = kernels.quantize(x, tile=(1, 16), rounding="stochastic", signs=None, seed=7)
-    other = kernels.quantize(x, tile=(1, 16), rounding="stochastic", signs=None, seed=8)
+    first = kernels.quantize(x, QuantizeArgs(rounding="stochastic", seed=7))
+    again = kernels.quantize(x, QuantizeArgs(rounding="stochastic", seed=7))
+    other = kernels.quantize(x, QuantizeArgs(rounding="stochastic", seed=8))
     assert torch.equal(first[0], again[0])
     assert not torch.equal(first[0], other[0])
     assert torch.equal(first[1].view(torch.uint8), other[1].view(torch.uint8))  # scales do not depend on it
@@ -89,15 +90,14 @@ def test_stochastic_is_unbiased(hadamard):
     block = torch.tensor([4.5] + [0.3 * j for j in range(1, 16)])
     x = block.repeat(512, 4)  # [512, 64]
     x[0, 0] = 2688.0  # g_enc = 1
-    ref = nvfp4.quantize_reference(x, hadamard=hadamard)
-    target = nvfp4._hadamard.rht(x, DEFAULT_SIGNS) if hadamard else x
+    ref = reference(x, hadamard=hadamard)
+    target = rht(x, DEFAULT_SIGNS) if hadamard else x
     enc = 1.0 / (ref.scale.float() * ref.global_decode_scale).repeat_interleave(16, dim=1)
     v = (target * enc).abs()
     step = torch.where(v < 2, 0.5, torch.where(v < 4, 1.0, 2.0)) / enc
     decoded = []
     for seed in range(4):
-        d, s, a = kernels.quantize(x.to(DEVICE), tile=(1, 16), rounding="stochastic",
-                                   signs=_signs(hadamard), seed=seed)
+        d, s, a = kernels.quantize(x.to(DEVICE), QuantizeArgs(rounding="stochastic", signs=_signs(hadamard), seed=seed))
         decoded.append(nvfp4.NVFP4Tensor(d, s, a, x.shape, (1, 16), _signs(hadamard)).dequantize().cpu())
     n = 4 * 511
     err = (torch.stack(decoded)[:, 1:].mean(dim=(0, 1)) - target[1:].mean(dim=0)).abs()  # row 0: amax
@@ -114,7 +114,7 @@ def test_quantize_weight_matches_reference_and_its_transpose(case, kind, dtype):
     w = torch.randn(48, 80, generator=torch.Generator().manual_seed(4)) if case == "random" else adversarial(case)
     w = layout(w.to(dtype), kind)
     data, scale, data_t, scale_t, amax = kernels.quantize_weight(w.to(DEVICE))
-    ref = nvfp4.quantize_reference(w, tile=(16, 16))
+    ref = reference(w, tile=(16, 16))
     assert_same_quantization((data, scale, amax), ref)
     assert_same_quantization((data_t, scale_t, amax), ref.t())
 
@@ -123,7 +123,7 @@ def test_nvfp4_api_dispatches_to_the_kernels():
     """nvfp4.quantize / quantize_weight with backend="triton": N-d input, NVFP4Tensor fields."""
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     q = nvfp4.quantize(x, rounding="stochastic", hadamard=True, seed=11, backend="triton")
-    r = nvfp4.quantize_reference(x.cpu(), rounding="stochastic", hadamard=True, seed=11)
+    r = reference(x, rounding="stochastic", hadamard=True, seed=11)
     assert q.shape == x.shape and q.hadamard_signs == DEFAULT_SIGNS
     assert_same_quantization((q.data, q.scale, q.amax), r)
     w = torch.randn(32, 64).to(DEVICE)
@@ -143,19 +143,23 @@ def test_empty_and_single_block_inputs():
             _check(x, tile, hadamard=True)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("case", ["ties", "wide_range", "scale_subnormal", "nan"])
-def test_scale_rounding_up_bit_exact(case, rounding):
-    """The communication path's variant: block scales rounded up instead of to nearest."""
+def test_scale_rounding_up_bit_exact(case, rounding, tile):
+    """Block scales rounded up instead of to nearest (the communication path's variant, 1x16), and the
+    same for 16x16 tiles, so that both backends accept the same arguments."""
     x = layout(adversarial(case), "transposed")
     seed = 5 if rounding == "stochastic" else None
-    got = kernels.quantize(x.to(DEVICE), tile=(1, 16), rounding=rounding, signs=None, seed=seed,
-                           scale_rounding="up")
-    ref = nvfp4.quantize_reference(x.cpu(), rounding=rounding, seed=seed, scale_rounding="up")
+    got = kernels.quantize(x.to(DEVICE), QuantizeArgs(tile, rounding, seed=seed, scale_rounding="up"))
+    ref = reference(x, tile=tile, rounding=rounding, seed=seed, scale_rounding="up")
     assert_same_quantization(got, ref)
+    nearest = reference(x, tile=tile, rounding=rounding, seed=seed)
+    assert not torch.equal(ref.scale.view(torch.uint8), nearest.scale.view(torch.uint8))  # "up" is not a no-op
 
 
-def test_scale_rounding_up_is_1x16_only():
-    with pytest.raises(ValueError, match="1x16 blocks only"):
-        kernels.quantize(torch.randn(16, 32), tile=(16, 16), rounding="nearest", signs=None, seed=None,
-                         scale_rounding="up")
+def test_scale_rounding_up_16x16_with_rht_bit_exact():
+    x = adversarial("wide_range")
+    got = kernels.quantize(x.to(DEVICE), QuantizeArgs((16, 16), "stochastic", DEFAULT_SIGNS, 8, "up"))
+    assert_same_quantization(got, reference(x, tile=(16, 16), rounding="stochastic", hadamard=True, seed=8,
+                                            scale_rounding="up"))

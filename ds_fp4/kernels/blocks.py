@@ -83,7 +83,7 @@ def _flip(t, I: tl.constexpr, SIGNS: tl.constexpr):
 
 
 @triton.jit
-def rht_group(t, SIGNS: tl.constexpr):
+def rht_block(t, SIGNS: tl.constexpr):
     """ds_fp4.hadamard.rht on a 16-tuple of fp32: sign flips (compile time), stages h = 1, 2, 4, 8, * 0.25."""
     t = (_flip(t, 0, SIGNS), _flip(t, 1, SIGNS), _flip(t, 2, SIGNS), _flip(t, 3, SIGNS), _flip(t, 4, SIGNS),
          _flip(t, 5, SIGNS), _flip(t, 6, SIGNS), _flip(t, 7, SIGNS), _flip(t, 8, SIGNS), _flip(t, 9, SIGNS),
@@ -101,11 +101,11 @@ def rht_group(t, SIGNS: tl.constexpr):
 @triton.jit
 def rht16(x, R: tl.constexpr, SIGNS: tl.constexpr):
     """The RHT on fp32 rows x [R, 16] (for tiles that are not held as tuples)."""
-    return join16(rht_group(split16(x, R), SIGNS), R)
+    return join16(rht_block(split16(x, R), SIGNS), R)
 
 
 @triton.jit
-def group_absmax(t):
+def block_absmax(t):
     """max |t[i]| over a 16-tuple, as int32 bit patterns (see abs_bits)."""
     m = tl.maximum(nm.abs_bits(t[0]), nm.abs_bits(t[1]))
     for i in tl.static_range(2, 16):
@@ -114,60 +114,59 @@ def group_absmax(t):
 
 
 @triton.jit
-def program_groups(M, K, BM: tl.constexpr, G: tl.constexpr, ROW_CONTIG: tl.constexpr):
-    """(rows, groups, in-bounds mask), each [BM * G]: the BM rows x G groups of 16 this program owns.
+def program_blocks(M, K, BM: tl.constexpr, G: tl.constexpr, ROW_CONTIG: tl.constexpr):
+    """(rows, blocks, in-bounds mask), each [BM * G]: the BM rows x G blocks of 16 this program owns
+    (``blocks[r]`` is the index of a block along K, its first element 16 * blocks[r]).
 
     The index r walks along K first when rows are contiguous (vector loads), along M first otherwise
-    (then each of load_group's 16 loads coalesces along M).
+    (then each of load_blocks' 16 loads coalesces along M).
     """
     r = tl.arange(0, BM * G)
     if ROW_CONTIG:
         rows = tl.program_id(0) * BM + r // G
-        groups = tl.program_id(1) * G + r % G
+        blocks = tl.program_id(1) * G + r % G
     else:
         rows = tl.program_id(0) * BM + r % BM
-        groups = tl.program_id(1) * G + r // BM
-    return rows, groups, (rows < M) & (groups < K // 16)
+        blocks = tl.program_id(1) * G + r // BM
+    return rows, blocks, (rows < M) & (blocks < K // 16)
 
 
 @triton.jit
-def load_group(x_ptr, rows, groups, mask, stride_xm, stride_xk, R: tl.constexpr, ROW_CONTIG: tl.constexpr):
-    """The 16 elements of each group (rows[r], 16 * groups[r] + i) as a 16-tuple of fp32 [R].
+def _load_at(base, I: tl.constexpr, stride_xk, mask):
+    """Element I of each block, fp32 [R]: one load, coalesced when consecutive r walk along M."""
+    return nm.to_f32(tl.load(base + I * stride_xk, mask=mask, other=0.0))
+
+
+@triton.jit
+def load_blocks(x_ptr, rows, blocks, mask, stride_xm, stride_xk, R: tl.constexpr, ROW_CONTIG: tl.constexpr):
+    """The 16 elements of each block (rows[r], 16 * blocks[r] + i) as a 16-tuple of fp32 [R].
 
     ROW_CONTIG (unit stride along K): one vector load of [R, 16], then split in registers. Otherwise
-    (e.g. a transposed view) 16 loads, one per position, coalesced when consecutive r walk along M.
+    (e.g. a transposed view) 16 loads, one per position.
     """
-    base = x_ptr + rows.to(tl.int64) * stride_xm + (groups * 16).to(tl.int64) * stride_xk
+    base = x_ptr + rows.to(tl.int64) * stride_xm + (blocks * 16).to(tl.int64) * stride_xk
     if ROW_CONTIG:
         x = tl.load(base[:, None] + tl.arange(0, 16)[None, :], mask=mask[:, None], other=0.0)
         return split16(nm.to_f32(x), R)
     else:
-        return (nm.to_f32(tl.load(base, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 2 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 3 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 4 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 5 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 6 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 7 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 8 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 9 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 10 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 11 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 12 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 13 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 14 * stride_xk, mask=mask, other=0.0)),
-                nm.to_f32(tl.load(base + 15 * stride_xk, mask=mask, other=0.0)))
+        return (_load_at(base, 0, stride_xk, mask), _load_at(base, 1, stride_xk, mask),
+                _load_at(base, 2, stride_xk, mask), _load_at(base, 3, stride_xk, mask),
+                _load_at(base, 4, stride_xk, mask), _load_at(base, 5, stride_xk, mask),
+                _load_at(base, 6, stride_xk, mask), _load_at(base, 7, stride_xk, mask),
+                _load_at(base, 8, stride_xk, mask), _load_at(base, 9, stride_xk, mask),
+                _load_at(base, 10, stride_xk, mask), _load_at(base, 11, stride_xk, mask),
+                _load_at(base, 12, stride_xk, mask), _load_at(base, 13, stride_xk, mask),
+                _load_at(base, 14, stride_xk, mask), _load_at(base, 15, stride_xk, mask))
 
 
 @triton.jit
-def group_uniforms(seed, rows, groups, K):
-    """Philox uniforms for the 16 elements of each group, as a 16-tuple of fp32 [R].
+def block_uniforms(seed, rows, blocks, K):
+    """Philox uniforms for the 16 elements of each block, as a 16-tuple of fp32 [R].
 
     Element (m, k) of the row-major [M, K] tensor has linear index n = m * K + k and uses word n % 4
-    of tl.randint4x(seed, n // 4) (ds_fp4.rng); a group covers four whole Philox calls.
+    of tl.randint4x(seed, n // 4) (ds_fp4.rng); a block covers four whole Philox calls.
     """
-    quad = rows.to(tl.int64) * (K // 4) + groups.to(tl.int64) * 4
+    quad = rows.to(tl.int64) * (K // 4) + blocks.to(tl.int64) * 4
     a0, a1, a2, a3 = nm.philox4x32(seed, quad)
     b0, b1, b2, b3 = nm.philox4x32(seed, quad + 1)
     c0, c1, c2, c3 = nm.philox4x32(seed, quad + 2)
@@ -179,7 +178,7 @@ def group_uniforms(seed, rows, groups, K):
 
 
 @triton.jit
-def encode_group(t, enc, rnd, STOCHASTIC: tl.constexpr):
+def encode_block(t, enc, rnd, STOCHASTIC: tl.constexpr):
     """Step 5 for a 16-tuple: the two int32 words holding its 16 packed nibbles (element 0 lowest).
 
     A block whose enc is NaN (its max is NaN) gets all-zero codes, as in the reference.
