@@ -8,6 +8,11 @@ model (docs/design.md §5: swapping modules afterwards breaks ZeRO-2/3 bookkeepi
 with the rest of the config, and routes gradient (and optionally ZeRO-3 weight) communication through
 NVFP4 collectives. The engine gains an ``nvfp4`` attribute (:class:`NVFP4EngineState`) with the
 conversion report and the communication byte counters.
+
+A caller that has parsed its config already (launch/ parses the run JSON once, docs/design.md §7) passes
+the section as an object instead, ``nvfp4=NVFP4Config(...)``, and a config that is DeepSpeed's alone.
+The plugin knows only its own section: every other top-level key goes to DeepSpeed untouched, and
+DeepSpeed ignores keys it does not know (checked with 0.19.8), such as a trainer's own sections.
 """
 
 from __future__ import annotations
@@ -15,64 +20,57 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import pydantic
 import torch
 
 from . import comm, deepspeed_patches
+from .config_errors import STRICT_FIELDS, NonNegInt, section_errors
 from .convert import ConversionReport, convert_to_nvfp4
 from .linear import NVFP4Linear
 from .recipe import NVFP4Recipe
 
-# Top-level keys of the run JSON that belong to ds_fp4 / the trainer, not to DeepSpeed (docs/design.md §4).
-OWN_SECTIONS = ("nvfp4", "model", "data", "trainer")
 COMM_MODES = ("nvfp4", "none")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=STRICT_FIELDS)
 class NVFP4Config:
-    """The "nvfp4" section of the DeepSpeed JSON."""
+    """The "nvfp4" section of the DeepSpeed JSON (:meth:`from_dict`), or the same settings built in Python."""
 
     recipe: NVFP4Recipe = field(default_factory=NVFP4Recipe)
     """Recipe fields (enabled, input, weight, grad, keep_first_blocks, ..., preset) sit directly in the section."""
-    grad_comm: str = "none"
+    grad_comm: Literal[COMM_MODES] = "none"
     """"nvfp4": gradients are reduced as NVFP4 (stochastic rounding, unbiased); "none": DeepSpeed's own."""
-    weight_comm: str = "none"
+    weight_comm: Literal[COMM_MODES] = "none"
     """"nvfp4": ZeRO-3 all-gathers NVFP4Linear weights as NVFP4 (stage 3 only); "none": full precision."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed of the communication's stochastic rounding (layer SR seeds follow torch.manual_seed)."""
-    stats_interval: int = 0
+    stats_interval: NonNegInt = 0
     """Every N steps the trainer logs per-layer quantization health (0: never)."""
 
-    _OWN = ("grad_comm", "weight_comm", "seed", "stats_interval")
-
-    def __post_init__(self) -> None:
-        for name in ("grad_comm", "weight_comm"):
-            if getattr(self, name) not in COMM_MODES:
-                raise ValueError(f"nvfp4.{name} must be one of {COMM_MODES}; got {getattr(self, name)!r}")
-        for name in ("seed", "stats_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"nvfp4.{name} must be an integer >= 0; got {value!r}")
+    @classmethod
+    def own_keys(cls) -> list[str]:
+        """The section's keys that are not the recipe's."""
+        return [name for name in cls.__pydantic_fields__ if name != "recipe"]
 
     @classmethod
     def valid_keys(cls) -> list[str]:
-        return sorted([*cls._OWN, *NVFP4Recipe.field_names(), "preset"])
+        return sorted([*cls.own_keys(), *NVFP4Recipe.field_names(), "preset"])
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any] | None) -> NVFP4Config:
+        """Parse the flat "nvfp4" section; a bad value names nvfp4.<key>, an unknown key lists the valid ones."""
+        if section is not None and not isinstance(section, Mapping):
+            raise ValueError(f"the \"nvfp4\" config section must be an object; got {section!r}")
         section = dict(section or {})
-        unknown = sorted(set(section) - set(cls.valid_keys()))
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {unknown} in the \"nvfp4\" config section; valid keys: {cls.valid_keys()}"
-            )
-        own = {k: section.pop(k) for k in cls._OWN if k in section}
-        return cls(recipe=NVFP4Recipe.from_dict(section), **own)
+        own = {k: section.pop(k) for k in cls.own_keys() if k in section}
+        with section_errors("nvfp4", NVFP4Recipe, valid=cls.valid_keys()):
+            return cls(recipe=NVFP4Recipe.from_dict(section), **own)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.recipe.to_dict(), **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "recipe"}}
+        return {**self.recipe.to_dict(), **{k: getattr(self, k) for k in self.own_keys()}}
 
 
 @dataclass
@@ -106,18 +104,11 @@ class NVFP4EngineState:
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The run config as a dict: a JSON file path or a mapping (copied)."""
+    """A DeepSpeed config as a dict: a JSON file path or a mapping (copied)."""
     if isinstance(config, Mapping):
         return json.loads(json.dumps(config))  # deep copy, and proof that it is JSON
     with open(config) as f:
         return json.load(f)
-
-
-def split_config(full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(DeepSpeed's config without our sections, our sections)."""
-    ds = {k: v for k, v in full.items() if k not in OWN_SECTIONS}
-    own = {k: full[k] for k in OWN_SECTIONS if k in full}
-    return ds, own
 
 
 def _zero_stage(ds_config: Mapping[str, Any]) -> int:
@@ -153,8 +144,15 @@ def validate(cfg: NVFP4Config, ds_config: Mapping[str, Any]) -> None:
         )
 
 
-def initialize(model: torch.nn.Module | None = None, config: Any = None, **kwargs):
-    """Drop-in for ``deepspeed.initialize``; same arguments, same 4-tuple. See the module docstring."""
+def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: NVFP4Config | None = None,
+               **kwargs):
+    """Drop-in for ``deepspeed.initialize``: the same arguments and the same 4-tuple, plus ``nvfp4``.
+
+    The NVFP4 settings come from one place: ``nvfp4=NVFP4Config(...)``, already parsed, with a ``config``
+    that holds no "nvfp4" section; or else the "nvfp4" section of ``config`` (a DeepSpeed JSON path or
+    dict), parsed here; or neither, which is ``NVFP4Config()`` (the paper's recipe, DeepSpeed's own
+    collectives). Everything else in ``config`` goes to DeepSpeed. See the module docstring.
+    """
     import deepspeed
 
     if model is None:
@@ -165,9 +163,18 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, **kwarg
         config = kwargs["args"].deepspeed_config
     if config is None:
         raise ValueError("ds_fp4.initialize needs config=<DeepSpeed JSON path or dict>")
-    full = load_config(config)
-    ds_config, own = split_config(full)
-    cfg = NVFP4Config.from_dict(own.get("nvfp4"))
+    ds_config = load_config(config)
+    section = ds_config.pop("nvfp4", None)
+    if nvfp4 is None:
+        cfg = NVFP4Config.from_dict(section)
+    elif not isinstance(nvfp4, NVFP4Config):
+        raise TypeError(f"nvfp4= takes an NVFP4Config (a JSON section goes in config[\"nvfp4\"], or through "
+                        f"NVFP4Config.from_dict); got {type(nvfp4).__name__}")
+    elif section is not None:
+        raise ValueError("the NVFP4 settings were given twice, as nvfp4= and as the config's \"nvfp4\" section; "
+                         "keep one")
+    else:
+        cfg = nvfp4
     validate(cfg, ds_config)
 
     report = convert_to_nvfp4(model, cfg.recipe) if cfg.recipe.enabled else None
@@ -175,7 +182,7 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, **kwarg
     state = comm.CommState(seed=cfg.seed, backend=cfg.recipe.backend)
 
     if "args" in kwargs and getattr(kwargs["args"], "deepspeed_config", None):
-        kwargs["args"].deepspeed_config = None  # we pass the (filtered) dict instead
+        kwargs["args"].deepspeed_config = None  # we pass the dict without the nvfp4 section instead
     engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=ds_config, **kwargs)
 
     engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers)

@@ -15,59 +15,44 @@ cancels when both Wgrad operands carry it, so ``input.hadamard`` and ``grad.hada
 the weight never carries it. Block selection (``keep_first_blocks``/``keep_last_blocks``/``exclude``)
 is part of the recipe because the paper's stability result depends on it (about 15% of linear layers
 kept in BF16). Configuration comes only through this dataclass: no environment variables.
+
+Validation is pydantic's, with the project's conventions from :mod:`ds_fp4.config_errors`: each field's
+type says what it accepts, unknown keys are forbidden, and only the rules between fields are written out,
+in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import asdict, field, fields, replace
+from typing import Annotated, Any, Literal
 
+from pydantic import BeforeValidator, StrictBool
+from pydantic.dataclasses import dataclass
+
+from .config_errors import STRICT_FIELDS, NonNegInt
 from .hadamard import DEFAULT_SIGNS, validate_signs
 from .nvfp4 import BACKENDS, ROUNDINGS, normalize_tile
 
-
-def _check_keys(section: str, given: Mapping[str, Any], allowed: list[str]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {section}; valid keys: {sorted(allowed)}")
+POLICY_ROLES = ("input", "weight", "grad")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT_FIELDS)
 class TensorPolicy:
     """How one tensor role is quantized."""
 
-    tile: tuple[int, int] | str = (1, 16)
+    tile: Annotated[tuple[int, int], BeforeValidator(normalize_tile)] = (1, 16)
     """(1, 16) blocks along the dot-product dim, or (16, 16) tiles; strings "1x16"/"16x16" accepted."""
-    rounding: str = "nearest"
+    rounding: Literal[ROUNDINGS] = "nearest"
     """"nearest" (round to nearest, ties to even) or "stochastic" (unbiased)."""
-    hadamard: bool = False
+    hadamard: StrictBool = False
     """Apply the 16x16 random Hadamard transform where this tensor feeds the Wgrad GEMM."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tile", normalize_tile(self.tile))
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}; got {self.rounding!r}")
-        if not isinstance(self.hadamard, bool):
-            raise ValueError(f"hadamard must be true or false; got {self.hadamard!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | TensorPolicy, role: str = "policy") -> TensorPolicy:
-        if isinstance(d, TensorPolicy):
-            return d
-        if not isinstance(d, Mapping):
-            raise ValueError(f"nvfp4.{role} must be an object with keys tile/rounding/hadamard; got {d!r}")
-        _check_keys(f"nvfp4.{role}", d, [f.name for f in fields(cls)])
-        try:
-            return cls(**d)
-        except ValueError as e:
-            raise ValueError(f"nvfp4.{role}: {e}") from None
 
 
 PRESETS = ("paper", "no_rht", "no_sr", "no_2d", "all_fp4", "bf16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT_FIELDS)
 class NVFP4Recipe:
     """The NVFP4 training recipe. The defaults are the paper's (docs/design.md §3); see the presets below."""
 
@@ -77,24 +62,20 @@ class NVFP4Recipe:
     """Weights W: fprop and dgrad operand, 16x16 tiles so that W and W^T quantize identically."""
     grad: TensorPolicy = field(default_factory=lambda: TensorPolicy(rounding="stochastic", hadamard=True))
     """Output gradients dY: dgrad and wgrad operand, stochastic rounding, RHT on the wgrad use."""
-    keep_first_blocks: int = 1
+    keep_first_blocks: NonNegInt = 1
     """Linear layers in the first N transformer blocks stay in high precision (paper 12B: 2)."""
-    keep_last_blocks: int = 1
+    keep_last_blocks: NonNegInt = 1
     """Linear layers in the last N transformer blocks stay in high precision (paper 12B: 8)."""
     exclude: tuple[str, ...] = ()
     """fnmatch patterns of module names (e.g. "*.mlp.down_proj") kept in high precision."""
-    enabled: bool = True
+    enabled: StrictBool = True
     """False: convert nothing (the BF16 baseline with an identical config otherwise)."""
-    hadamard_signs: tuple[int, ...] = DEFAULT_SIGNS
+    hadamard_signs: Annotated[tuple[int, ...], BeforeValidator(validate_signs)] = DEFAULT_SIGNS
     """The RHT's 16 fixed +-1 signs."""
-    backend: str = "auto"
+    backend: Literal[BACKENDS] = "auto"
     """"auto" (Triton on CUDA, torch elsewhere), "torch" (reference) or "triton"."""
 
     def __post_init__(self) -> None:
-        for role in ("input", "weight", "grad"):
-            value = getattr(self, role)
-            if not isinstance(value, TensorPolicy):
-                object.__setattr__(self, role, TensorPolicy.from_dict(value, role))
         if self.weight.hadamard:
             raise ValueError(
                 "weight.hadamard must be false: the weight feeds fprop and dgrad, whose other operands "
@@ -106,18 +87,6 @@ class NVFP4Recipe:
                 f"Wgrad product only when both operands carry it; got input.hadamard={self.input.hadamard}, "
                 f"grad.hadamard={self.grad.hadamard}"
             )
-        for name in ("keep_first_blocks", "keep_last_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"exclude must be a list of fnmatch patterns (strings); got {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"enabled must be true or false; got {self.enabled!r}")
-        object.__setattr__(self, "hadamard_signs", validate_signs(self.hadamard_signs))
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
 
     # Presets -------------------------------------------------------------------------------------
     @classmethod
@@ -166,22 +135,19 @@ class NVFP4Recipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NVFP4Recipe:
-        """Build from a dict of recipe fields, plus an optional "preset" applied first."""
+        """Recipe fields over an optional "preset" (default "paper"). A policy given in part, e.g.
+        ``{"grad": {"rounding": "nearest"}}``, keeps the preset's other fields for that role. Errors are
+        pydantic's; NVFP4Config.from_dict phrases them for the "nvfp4" JSON section."""
         d = dict(d)
-        _check_keys("the nvfp4 recipe", d, [*cls.field_names(), "preset"])
-        preset = d.pop("preset", "paper")
-        base = cls.preset(preset)
-        policies = {r: TensorPolicy.from_dict({**asdict(getattr(base, r)), **d.pop(r)}, r)
-                    for r in ("input", "weight", "grad") if r in d}
-        if "exclude" in d and isinstance(d["exclude"], list):
-            d["exclude"] = tuple(d["exclude"])
-        if "hadamard_signs" in d and isinstance(d["hadamard_signs"], list):
-            d["hadamard_signs"] = tuple(d["hadamard_signs"])
-        return replace(base, **policies, **d)
+        base = cls.preset(d.pop("preset", "paper"))
+        for role in POLICY_ROLES:
+            if isinstance(d.get(role), Mapping):
+                d[role] = {**asdict(getattr(base, role)), **d[role]}
+        return replace(base, **d)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for role in ("input", "weight", "grad"):
+        for role in POLICY_ROLES:
             out[role]["tile"] = "x".join(map(str, out[role]["tile"]))
         out["exclude"] = list(self.exclude)
         out["hadamard_signs"] = list(self.hadamard_signs)

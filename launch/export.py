@@ -10,6 +10,9 @@ master weights consolidated from any ZeRO stage (zero_to_fp32), cast to the dtyp
 
 The exported model is a plain high-precision model: NVFP4 is a training format here, so its logits are
 the trainer's logits with the NVFP4 layers switched off (nvfp4_active = False), not with them on.
+
+The files it reads besides the checkpoint are written by the trainer at the start of a run, through
+:func:`write_run_files` below, so that writer and reader of that layout live together.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def write_run_files(run_dir: Path, raw_config: dict, hf_config, dataset) -> None:
+    """What export needs later, under ``run_dir``: the run config as given (run_config.json), the model
+    config (model/config.json), the tokenizer and the data's eos id, vocab size and seq_len (model/)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(json.dumps(raw_config, indent=1))
+    hf_config.save_pretrained(run_dir / "model")
+    if dataset.tokenizer_path:
+        (run_dir / "model" / "tokenizer.json").write_bytes(Path(dataset.tokenizer_path).read_bytes())
+    meta = {"eos_id": dataset.eos_id, "vocab_size": dataset.vocab_size, "seq_len": dataset.seq_len}
+    (run_dir / "model" / "data.json").write_text(json.dumps(meta, indent=1))
 
 
 def _checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:

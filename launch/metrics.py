@@ -1,4 +1,4 @@
-"""The numbers the trainer reports: learning-rate schedule, throughput, MFU, and their sinks.
+"""The numbers the trainer reports: learning-rate schedule, throughput, MFU, and their sinks (RunLog).
 
 Warmup-stable-decay (WSD): linear warmup to the peak lr, constant, then a decay over the final
 ``decay_fraction`` of the steps (the paper decays over the last 20%). WSD rather than cosine because the
@@ -7,18 +7,40 @@ stable phase can be extended or branched into a decay at any point without retra
 MFU = achieved model FLOP/s / (devices x peak FLOP/s), with model FLOPs per token = 6 N + 12 L H S
 (N non-embedding parameters, L layers, H hidden size, S sequence length; the PaLM appendix formula).
 It counts the math of a BF16 model: NVFP4 GEMMs do the same FLOPs faster on hardware that has them.
+
+The batch digest (steps.jsonl) sums a hash of every sample of the global batch, wrapping like int64: it
+does not depend on how the batch was split over ranks, so equal digests show that a resized or resumed
+run read the same data.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
 # Dense BF16 tensor-core peaks (TFLOP/s) of common accelerators; override with trainer.peak_tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0,
                "L40S": 362.0, "A10": 125.0, "MI300X": 1307.0}
+
+
+_DIGEST_WEIGHTS: dict[int, torch.Tensor] = {}
+
+
+def wrap_int64(x: int) -> int:
+    """x modulo 2^64, as a signed int64 (what torch's int64 sums wrap to)."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
+def sample_digest(batch: torch.Tensor) -> int:
+    """Sum over samples of a position-weighted hash of their tokens (mod 2^64, order-independent)."""
+    n = batch.shape[1]
+    if n not in _DIGEST_WEIGHTS:
+        _DIGEST_WEIGHTS[n] = torch.randint(1, 2**62, (n,), generator=torch.Generator().manual_seed(n))
+    return int((batch.cpu() * _DIGEST_WEIGHTS[n]).sum().item())
 
 
 def wsd_lambda(total_steps: int, warmup_steps: int, decay_fraction: float, shape: str, min_ratio: float):
@@ -95,3 +117,66 @@ class Throughput:
         rate = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return rate
+
+
+class RunLog:
+    """Where the numbers go, on rank 0 (other ranks write nothing): one JSON line per step in
+    out_dir/steps.jsonl, and TensorBoard scalars through the engine's monitor, because the engine itself
+    logs only the lr (docs/design.md §5)."""
+
+    def __init__(self, out: Path, rank: int, world: int, engine, flops_per_token: float, peak: float) -> None:
+        self.out, self.rank, self.world, self.engine = out, rank, world, engine
+        self.flops_per_token = flops_per_token  # model_flops_per_token, for the MFU
+        self.peak = peak  # peak FLOP/s per device (peak_flops), for the MFU
+        monitor = getattr(engine, "monitor", None)
+        self.monitor = monitor if rank == 0 and monitor is not None and monitor.enabled else None
+
+    def record(self, row: dict) -> None:
+        """One line of steps.jsonl: step, loss, lr, tokens, applied, batch digest."""
+        if self.rank == 0:
+            with open(self.out / "steps.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def events(self, events: list[tuple[str, float, int]]) -> None:
+        if self.monitor is not None:
+            self.monitor.write_events(events)
+
+    def step(self, s: int, loss: float, tokens_per_s: float, tokens: int, skips_total: int,
+             figures: dict | None) -> None:
+        """The scalars of step ``s``: loss, lr, throughput, MFU, skips, grad norm, NVFP4 communication bytes,
+        and the health figures if the step collected them."""
+        engine = self.engine
+        events = [("train/loss", loss, s)] if math.isfinite(loss) else []
+        events += [
+            ("train/lr", engine.get_lr()[0], s),
+            ("train/tokens_per_s", tokens_per_s, s),
+            ("train/mfu", tokens_per_s * self.flops_per_token / (self.world * self.peak), s),
+            ("train/skipped_steps", float(skips_total), s),
+            ("train/tokens", float(tokens), s),
+        ]
+        norm = engine.get_global_grad_norm()
+        if norm is not None and math.isfinite(float(norm)):
+            events.append(("train/grad_norm", float(norm), s))
+        comm = engine.nvfp4.comm_stats(reset=True)
+        for kind in ("grad", "weight"):
+            if comm[f"{kind}_bytes_bf16"]:
+                events += [(f"comm/{kind}_bytes_sent", float(comm[f"{kind}_bytes_sent"]), s),
+                           (f"comm/{kind}_bytes_saved", float(comm[f"{kind}_bytes_saved"]), s),
+                           (f"comm/{kind}_ratio_vs_bf16", comm[f"{kind}_bytes_sent"] / comm[f"{kind}_bytes_bf16"], s)]
+        self.events(events)
+        if figures:
+            self.health(s, figures)
+
+    def health(self, s: int, figures: dict) -> None:
+        """Per-layer NVFP4 health figures (ds_fp4.stats), the finite ones."""
+        self.events([(f"nvfp4/{layer}/{tensor}/{name}", float(value), s)
+                     for layer, tensors in figures.items() for tensor, values in tensors.items()
+                     for name, value in values.items() if math.isfinite(value)])
+
+    def flush(self) -> None:
+        """Flush TensorBoard's writers (every rank: a writer exists wherever the engine made one)."""
+        monitor = getattr(self.engine, "monitor", None)
+        for m in getattr(monitor, "monitors", []) or []:
+            writer = getattr(m, "summary_writer", None)
+            if writer is not None:
+                writer.flush()

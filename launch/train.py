@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
 
 from launch import distributed  # noqa: E402
 from launch.config import parse_run_config  # noqa: E402
+from launch.runtime import install_signal_handlers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     cfg = parse_run_config(args.deepspeed_config, args.set)  # fail on a bad config before starting ranks
-
-    from launch.trainer import Trainer, install_signal_handlers
-
     install_signal_handlers()  # before the slow start-up: a preemption signal now is not fatal
+
+    from launch.trainer import Trainer  # torch, DeepSpeed, transformers: seconds to import
+
     distributed.init()
     trainer = Trainer(cfg)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from data_pipeline import (
     BatchLoader,
     DataConfig,
     IntegrityError,
+    SourceSpec,
     TokenDataset,
     UnsafePathError,
     prepare,
@@ -166,19 +168,34 @@ def test_missing_manifest_says_how_to_make_one(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs, field, rule, value",
     [
-        (dict(sources=[]), "DataConfig.sources"),
-        (dict(sources=[{"path": "x", "weight": 0}]), r"sources\[0\]\.weight"),
-        (dict(sources=[{"path": "x", "wieght": 1}]), r"unknown keys \['wieght'\]"),
-        (dict(sources=["x"], seq_len=0), "DataConfig.seq_len = 0"),
-        (dict(sources=["x"], seed=-1), "DataConfig.seed = -1"),
-        (dict(sources=["x"], max_open_shards=0), "DataConfig.max_open_shards = 0"),
+        (dict(sources=[]), "sources", "Value error, give at least one prepared dataset", r"\[\]"),
+        (dict(sources=[{"path": "x", "weight": 0}]), r"sources\.0\.weight", "Input should be greater than 0", "0"),
+        (dict(sources=[{"path": "x", "weight": True}]), r"sources\.0\.weight", "Input should be a valid number",
+         "True"),
+        (dict(sources=[{"path": "x", "wieght": 1}]), r"sources\.0\.wieght", "Unexpected keyword argument", "1"),
+        (dict(sources=[""]), r"sources\.0\.path", "String should have at least 1 character", "''"),
+        (dict(sources=["x"], seq_len=0), "seq_len", "Input should be greater than or equal to 1", "0"),
+        (dict(sources=["x"], seq_len=2.0), "seq_len", "Input should be a valid integer", "2.0"),
+        (dict(sources=["x"], seed=-1), "seed", "Input should be greater than or equal to 0", "-1"),
+        (dict(sources=["x"], seed=1 << 62), "seed", f"Input should be less than {1 << 62}", str(1 << 62)),
+        (dict(sources=["x"], max_open_shards=0), "max_open_shards", "Input should be greater than or equal to 1", "0"),
+        (dict(sources=["x"], eval_sources=[]), "eval_sources", "Value error, give at least one prepared", r"\[\]"),
     ],
 )
-def test_config_validation_names_field_and_allowed_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_config_validation_names_field_and_allowed_values(kwargs, field, rule, value):
+    """pydantic's error (a ValueError) names the class, the field, the rule and the offending value."""
+    with pytest.raises(ValueError, match=rf"validation error for DataConfig\n{field}\n  {rule}.* input_value={value},"):
         DataConfig(**kwargs)
+
+
+def test_config_accepts_bare_paths_and_is_frozen(tmp_path):
+    cfg = DataConfig(sources=tmp_path, eval_sources=[{"path": str(tmp_path), "weight": 2}], cache_dir=tmp_path)
+    assert cfg.sources == (SourceSpec(str(tmp_path), 1.0),) and cfg.eval_sources[0].weight == 2.0
+    assert cfg.cache_dir == str(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seq_len = 4
 
 
 def test_open_shard_maps_stay_bounded(dataset_dir):

@@ -92,7 +92,7 @@ def test_first_host_without_scontrol_parses_the_nodelist(nodelist, host, monkeyp
 def test_batch_digest_wraps_like_int64_and_ignores_how_the_batch_is_split():
     import torch
 
-    from launch.trainer import sample_digest, wrap_int64
+    from launch.metrics import sample_digest, wrap_int64
 
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 50000, (8, 65), generator=g)
@@ -101,3 +101,29 @@ def test_batch_digest_wraps_like_int64_and_ignores_how_the_batch_is_split():
     assert halves == whole
     assert wrap_int64(2**63) == -(2**63) and wrap_int64(-(2**63) - 1) == 2**63 - 1
     assert torch.tensor([halves], dtype=torch.int64).item() == whole  # always fits the all-reduce tensor
+
+
+def test_a_preemption_signal_is_recorded_not_fatal(monkeypatch):
+    import signal
+
+    from launch import runtime
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        for sig in handlers:
+            monkeypatch.setattr(runtime, "_received", [])
+            runtime.install_signal_handlers()
+            assert runtime.preemption_signal() is None
+            signal.raise_signal(sig)  # to this thread; its handler has run when raise_signal returns
+            assert runtime.preemption_signal() == sig.name
+    finally:
+        for sig, handler in handlers.items():  # pytest's own handlers back
+            signal.signal(sig, handler)
+
+
+def test_step_seeds_depend_on_seed_step_and_rank_only():
+    from launch.runtime import step_seed
+
+    seeds = {step_seed(seed, step, rank) for seed in (0, 1) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 2 * 50 * 4 and all(0 <= s < 2**63 for s in seeds)
+    assert step_seed(0, 7, 1) == step_seed(0, 7, 1)
