@@ -27,7 +27,8 @@ torch's RNG, so turning NVFP4 communication on does not shift any other random s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -48,25 +49,22 @@ class CommStats:
     """Bytes the same exchanges would have sent at the configured communication dtype."""
     bytes_bf16: int = 0
     """Bytes the same exchanges would have sent in bf16."""
-    elements: int = 0
-    """Gradient or weight elements communicated."""
     calls: int = 0
+    """Collectives counted since the last reset."""
 
-    def add(self, sent: int, elements_on_wire: int, baseline_itemsize: int, elements: int) -> None:
+    def add(self, sent: int, elements_on_wire: int, baseline_itemsize: int) -> None:
+        """Count one collective: ``sent`` NVFP4 bytes standing for ``elements_on_wire`` elements."""
         self.bytes_sent += sent
         self.bytes_baseline += elements_on_wire * baseline_itemsize
         self.bytes_bf16 += elements_on_wire * 2
-        self.elements += elements
         self.calls += 1
 
     def snapshot_and_reset(self) -> CommStats:
-        out = CommStats(self.bytes_sent, self.bytes_baseline, self.bytes_bf16, self.elements, self.calls)
-        self.bytes_sent = self.bytes_baseline = self.bytes_bf16 = self.elements = self.calls = 0
+        """A copy of the counters as they stand; then they restart from zero."""
+        out = replace(self)
+        for f in fields(self):
+            setattr(self, f.name, 0)
         return out
-
-    @property
-    def ratio_vs_bf16(self) -> float:
-        return self.bytes_sent / self.bytes_bf16 if self.bytes_bf16 else 0.0
 
 
 def _splitmix64(x: int) -> int:
@@ -86,7 +84,7 @@ class CommState:
     weight_stats: CommStats = field(default_factory=CommStats)
     calls: int = 0
 
-    def next_seed(self, group=None) -> int:
+    def next_seed(self) -> int:
         """A fresh 63-bit seed, different on every rank and every call, reproducible from ``seed``."""
         self.calls += 1
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -104,13 +102,8 @@ def _padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-def row_bytes(k: int) -> int:
-    """Wire size of one packed row of k (multiple of 16) elements: codes, E4M3 scales, fp32 amax."""
-    return k // 2 + k // BLOCK + _AMAX_BYTES
-
-
 def pack_rows(q: nvfp4.NVFP4Tensor) -> torch.Tensor:
-    """uint8 [rows, row_bytes]: each row carries its codes, its scales and the tensor's amax."""
+    """uint8 [rows, k/2 + k/16 + 4]: each row carries its codes, its E4M3 scales and the tensor's fp32 amax."""
     rows = q.data.shape[0]
     amax = q.amax.reshape(1).view(torch.uint8).expand(rows, _AMAX_BYTES)
     return torch.cat([q.data, q.scale.view(torch.uint8), amax], dim=1)
@@ -133,42 +126,55 @@ def _quantize_rows(rows: torch.Tensor, rounding: str, state: CommState) -> nvfp4
     return nvfp4.quantize(rows, backend=state.backend)
 
 
-def _shards(flat: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
-    """[world, k] fp32 with zero padding: shard r = flat[r*n:(r+1)*n], n = ceil(N / world), k = pad16(n)."""
-    n = -(-flat.numel() // world)
-    k = _padded(max(n, 1))
-    out = flat.new_zeros((world, k), dtype=torch.float32)
-    full = flat.reshape(-1).to(torch.float32)
-    for r in range(world):
-        piece = full[r * n : (r + 1) * n]
-        out[r, : piece.numel()] = piece
+def chunk_size(numel: int, world: int) -> int:
+    """Elements of a ``numel``-element tensor in each of ``world`` shards: ceil(numel / world), as DeepSpeed."""
+    return -(-numel // world)
+
+
+def _shards(tensors: torch.Tensor | Sequence[torch.Tensor], world: int) -> tuple[torch.Tensor, int]:
+    """([world, k] fp32 rows, n): row r holds chunk r of each tensor, destination-major, zero-padded.
+
+    Chunk r of a tensor is its elements [r*c, (r+1)*c), c = chunk_size(numel, world); the last ranks'
+    chunks are padded to c, so every tensor takes the same c columns in every row, n = sum of the c's
+    in all, and k = n padded to a multiple of 16 (no 1x16 block straddles two ranks). One tensor is the
+    plain reduce-scatter; several are DeepSpeed's coalesced one (ZeRO-3 gradients), laid out as it does.
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    chunks = [chunk_size(t.numel(), world) for t in tensors]
+    n = sum(chunks)
+    out = tensors[0].new_zeros((world, _padded(max(n, 1))), dtype=torch.float32)  # new_*: zero.Init, docs/design.md §5
+    offset = 0
+    for t, c in zip(tensors, chunks, strict=True):
+        flat = t.reshape(-1)
+        for r in range(world):
+            piece = flat[r * c : (r + 1) * c]
+            out[r, offset : offset + piece.numel()] = piece
+        offset += c
     return out, n
 
 
 # Collectives ------------------------------------------------------------------------------------------
-def reduce_scatter(flat: torch.Tensor, group, state: CommState, itemsize: int) -> torch.Tensor:
-    """Sum over ranks of shard ``rank`` of ``flat`` (shards of ceil(N / W) elements), in fp32."""
+def reduce_scatter(tensors: torch.Tensor | Sequence[torch.Tensor], group, state: CommState,
+                   itemsize: int) -> torch.Tensor:
+    """fp32 [n]: the sum over ranks of row ``rank`` of :func:`_shards` (this rank's chunk of each tensor)."""
     world = dist.get_world_size(group)
-    rows, n = _shards(flat, world)
-    k = rows.shape[1]
+    rows, n = _shards(tensors, world)
     send = pack_rows(_quantize_rows(rows, "stochastic", state))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    state.grad_stats.add((world - 1) * send.shape[1], (world - 1) * n, itemsize, flat.numel())
-    return decode_rows(recv, k).sum(dim=0)[:n]
+    state.grad_stats.add((world - 1) * send.shape[1], (world - 1) * n, itemsize)
+    return decode_rows(recv, rows.shape[1]).sum(dim=0)[:n]
 
 
 def all_gather(shard: torch.Tensor, group, state: CommState, stats: CommStats, rounding: str,
-               itemsize: int, count_elements: bool = True) -> torch.Tensor:
+               itemsize: int) -> torch.Tensor:
     """[W, n] fp32: every rank's ``shard`` (n elements), as decoded from its NVFP4 quantization."""
     world = dist.get_world_size(group)
-    n = shard.numel()
-    row = shard.new_zeros((1, _padded(max(n, 1))), dtype=torch.float32)
-    row[0, :n] = shard.reshape(-1).to(torch.float32)
+    row, n = _shards(shard, 1)  # one row, padded to whole blocks
     send = pack_rows(_quantize_rows(row, rounding, state))
     recv = send.new_empty((world, send.shape[1]))
     dist.all_gather_into_tensor(recv, send, group=group)
-    stats.add((world - 1) * send.shape[1], (world - 1) * n, itemsize, n if count_elements else 0)
+    stats.add((world - 1) * send.shape[1], (world - 1) * n, itemsize)
     return decode_rows(recv, row.shape[1])[:, :n]
 
 
@@ -178,7 +184,7 @@ def all_reduce_(tensor: torch.Tensor, group, state: CommState, itemsize: int) ->
     if world == 1:
         return tensor
     mine = reduce_scatter(tensor, group, state, itemsize)
-    full = all_gather(mine, group, state, state.grad_stats, "stochastic", itemsize, count_elements=False)
+    full = all_gather(mine, group, state, state.grad_stats, "stochastic", itemsize)
     tensor.view(-1).copy_(full.reshape(-1)[: tensor.numel()])
     return tensor
 
@@ -188,18 +194,15 @@ def reduce_(tensor: torch.Tensor, dst: int, group, state: CommState, itemsize: i
     world = dist.get_world_size(group)
     if world == 1:
         return tensor
-    k = _padded(max(tensor.numel(), 1))
-    row = tensor.new_zeros((1, k), dtype=torch.float32)
-    row[0, : tensor.numel()] = tensor.reshape(-1).to(torch.float32)
+    row, n = _shards(tensor, 1)  # one row, padded to whole blocks
     send = pack_rows(_quantize_rows(row, "stochastic", state))
     me = dist.get_rank(group)
     dst_global = dist.get_global_rank(group, dst) if group is not None else dst
     gathered = [torch.empty_like(send) for _ in range(world)] if me == dst else None
     dist.gather(send, gathered, dst=dst_global, group=group)
     if me == dst:
-        total = decode_rows(torch.cat(gathered), k).sum(dim=0)[: tensor.numel()]
-        tensor.view(-1).copy_(total)
-        state.grad_stats.add(0, 0, itemsize, tensor.numel())
+        tensor.view(-1).copy_(decode_rows(torch.cat(gathered), row.shape[1]).sum(dim=0)[:n])
+        state.grad_stats.add(0, 0, itemsize)  # the destination sends nothing; it counts the call
     else:
-        state.grad_stats.add(send.numel(), tensor.numel(), itemsize, 0)
+        state.grad_stats.add(send.numel(), n, itemsize)
     return tensor

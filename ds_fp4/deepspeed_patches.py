@@ -94,32 +94,48 @@ def _require_seams() -> None:
         )
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 # Replacements -----------------------------------------------------------------------------------------
+def _averaged_reduce(tensor, dtype, group, state, *, average: bool, postscale: bool, predivide: float,
+                     world: int, sequence_parallel: float | None, dst: int | None = None) -> torch.Tensor:
+    """DeepSpeed's gradient scaling around an NVFP4 all-reduce (or reduce to ``dst``), sent as ``dtype``.
+
+    One body for the three stage 0-2 functions replaced below; the ways they differ are kept bit for
+    bit. DeepSpeedZeroOptimizer divides by world / sequence_parallel_size, DeepSpeedEngine (which passes
+    ``sequence_parallel`` None) by world; without postscale the optimizer divides by its divisor where
+    the engine multiplies by 1 / world (which rounds differently when world is not a power of 2); the
+    optimizer's allreduce_bucket has no postscale and may reduce to one rank. Returns the tensor sent;
+    ``tensor`` gets the result where it lands (every rank, or ``dst``), as DeepSpeed's dtype round trip.
+    """
+    work = tensor if dtype == tensor.dtype else tensor.to(dtype)
+    divisor = world if sequence_parallel is None else world / sequence_parallel
+    if average and postscale:
+        if predivide != 1.0:
+            work.mul_(1.0 / predivide)
+    elif average and sequence_parallel is None:
+        work.mul_(1.0 / world)
+    elif average:
+        work.div_(divisor)
+    if dst is None:
+        comm.all_reduce_(work, group, state, work.dtype.itemsize)
+    else:
+        comm.reduce_(work, dst, group, state, work.dtype.itemsize)
+    if average and postscale and predivide != world:
+        work.mul_(predivide / divisor)
+    if work is not tensor and (dst is None or dst == dist.get_rank(group=group)):
+        tensor.copy_(work)
+    return work
+
+
 def _engine_allreduce_bucket(self, bucket, dp_group, dp_world_size=None):
     state = getattr(self, "_ds_fp4_comm", None)
     if state is None:
         return _originals["DeepSpeedEngine.allreduce_bucket"](self, bucket, dp_group, dp_world_size)
     tensor = self.flatten(bucket)
-    work = tensor if self.communication_data_type == tensor.dtype else tensor.to(self.communication_data_type)
-    world = dp_world_size if dp_world_size is not None else dist.get_world_size(group=dp_group)
-    size = _itemsize(work.dtype)
-    if not self.gradient_average:
-        comm.all_reduce_(work, dp_group, state, size)
-    elif self.postscale_gradients():
-        if self.gradient_predivide_factor() != 1.0:
-            work.mul_(1.0 / self.gradient_predivide_factor())
-        comm.all_reduce_(work, dp_group, state, size)
-        if self.gradient_predivide_factor() != world:
-            work.mul_(self.gradient_predivide_factor() / world)
-    else:
-        work.mul_(1.0 / world)
-        comm.all_reduce_(work, dp_group, state, size)
-    if work is not tensor:
-        tensor.copy_(work)
+    _averaged_reduce(
+        tensor, self.communication_data_type, dp_group, state, average=self.gradient_average,
+        postscale=self.postscale_gradients(), predivide=self.gradient_predivide_factor(),
+        world=dp_world_size if dp_world_size is not None else dist.get_world_size(group=dp_group),
+        sequence_parallel=None)
     return tensor
 
 
@@ -129,20 +145,12 @@ def _zero_allreduce_bucket(self, bucket, communication_data_type, rank=None, log
     if state is None:
         return _originals["DeepSpeedZeroOptimizer.allreduce_bucket"](
             self, bucket, communication_data_type, rank=rank, log=log, divide=divide, process_group=process_group)
-    tensor = self.flatten(bucket)
     group = self.dp_process_group if process_group is None else process_group
-    if getattr(self, "sequence_parallel_size", 1) > 1:
-        communication_data_type = torch.float32
-    work = tensor if communication_data_type == tensor.dtype else tensor.to(communication_data_type)
-    if divide and self.gradient_average:
-        work.div_(dist.get_world_size(group=group) / float(getattr(self, "sequence_parallel_size", 1)))
-    if rank is None:
-        comm.all_reduce_(work, group, state, _itemsize(work.dtype))
-    else:
-        comm.reduce_(work, rank, group, state, _itemsize(work.dtype))
-    if work is not tensor and (rank is None or rank == dist.get_rank(group=group)):
-        tensor.copy_(work)
-    return work
+    sequence_parallel = getattr(self, "sequence_parallel_size", 1)
+    return _averaged_reduce(
+        self.flatten(bucket), torch.float32 if sequence_parallel > 1 else communication_data_type, group, state,
+        average=divide and self.gradient_average, postscale=False, predivide=1.0,
+        world=dist.get_world_size(group=group), sequence_parallel=float(sequence_parallel), dst=rank)
 
 
 def _zero_reduction_w_predivide(self, tensor, communication_data_type):
@@ -150,24 +158,11 @@ def _zero_reduction_w_predivide(self, tensor, communication_data_type):
     if state is None or tensor.numel() == 0:
         return _originals["DeepSpeedZeroOptimizer.gradient_reduction_w_predivide"](
             self, tensor, communication_data_type)
-    world = dist.get_world_size(group=self.dp_process_group)
-    sp = float(getattr(self, "sequence_parallel_size", 1))
-    work = tensor if communication_data_type == tensor.dtype else tensor.to(communication_data_type)
-    size = _itemsize(work.dtype)
-    if not self.gradient_average:
-        comm.all_reduce_(work, self.dp_process_group, state, size)
-    elif self.postscale_gradients:
-        if self.gradient_predivide_factor != 1.0:
-            work.mul_(1.0 / self.gradient_predivide_factor)
-        comm.all_reduce_(work, self.dp_process_group, state, size)
-        if self.gradient_predivide_factor != world:
-            work.mul_(self.gradient_predivide_factor / (world / sp))
-    else:
-        work.div_(world / sp)
-        comm.all_reduce_(work, self.dp_process_group, state, size)
-    if work is not tensor:
-        tensor.copy_(work)
-    return work
+    return _averaged_reduce(
+        tensor, communication_data_type, self.dp_process_group, state, average=self.gradient_average,
+        postscale=self.postscale_gradients, predivide=self.gradient_predivide_factor,
+        world=dist.get_world_size(group=self.dp_process_group),
+        sequence_parallel=float(getattr(self, "sequence_parallel_size", 1)))
 
 
 def _stage3_avg_scatter_grads(self, params_to_reduce, communication_data_type):
@@ -185,23 +180,14 @@ def _reduce_scatter_coalesced(tensors, group=None):
     if state is None:
         return _originals["reduce_scatter_coalesced"](tensors, group)
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    chunk = [-(-t.numel() // world) for t in tensors]
-    # Destination-major layout: rank r's shard holds chunk r of every tensor, each padded to full size.
-    rows = tensors[0].new_zeros((world, sum(chunk)), dtype=torch.float32)
-    offset = 0
-    for t, c in zip(tensors, chunk, strict=True):
-        flat = t.reshape(-1)
-        for r in range(world):
-            piece = flat[r * c : (r + 1) * c]
-            rows[r, offset : offset + piece.numel()] = piece
-        offset += c
-    mine = comm.reduce_scatter(rows.view(-1), group, state, _itemsize(tensors[0].dtype))
+    # comm lays the tensors out as DeepSpeed does: rank r's shard holds chunk r of every tensor.
+    mine = comm.reduce_scatter(tensors, group, state, tensors[0].dtype.itemsize)
     mine = (mine / world).to(tensors[0].dtype)  # the original pre-divides by the world size
     out, offset = [], 0
-    for t, c in zip(tensors, chunk, strict=True):
-        own = max(0, min(c, t.numel() - me * c))
-        out.append(mine.narrow(0, offset, own))
-        offset += c
+    for t in tensors:
+        chunk = comm.chunk_size(t.numel(), world)
+        out.append(mine.narrow(0, offset, max(0, min(chunk, t.numel() - me * chunk))))
+        offset += chunk
     return out
 
 
@@ -222,7 +208,7 @@ def _dist_allgather_fn(input_tensor, output_tensor, group=None):
     world = dist.get_world_size(group)
     n = input_tensor.numel()
     gathered = comm.all_gather(input_tensor, group, state, state.weight_stats, "nearest",
-                               _itemsize(input_tensor.dtype))
+                               input_tensor.dtype.itemsize)
     output_tensor.view(world, n).copy_(gathered)
     return _DoneHandle()
 

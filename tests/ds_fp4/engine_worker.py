@@ -193,6 +193,56 @@ def scenario_unbiased() -> dict:
     return out
 
 
+def scenario_collectives() -> dict:
+    """comm.py's collectives by themselves on 3 ranks: what each reduces to, and the bytes it counts.
+    Relative errors are against the exact fp32 results; the worker does not judge them."""
+    from ds_fp4 import comm, deepspeed_patches
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(1000, generator=gen)  # 3 shards of 334, the last one 332 + 2 padding
+    exact = x.clone()
+    dist.all_reduce(exact)
+    state = comm.CommState(seed=1)
+    out = {}
+
+    def record(name, stats, result=None, ref=None):
+        s = stats.snapshot_and_reset()
+        out[name] = {"bytes": [s.bytes_sent, s.bytes_baseline, s.bytes_bf16, s.calls]}
+        if result is not None:
+            out[name].update(rel_error=((result - ref).norm() / ref.norm()).item(), numel=result.numel())
+
+    n = comm.chunk_size(x.numel(), world)
+    ref = exact[rank * n : (rank + 1) * n]
+    mine = comm.reduce_scatter(x, None, state, itemsize=4)
+    record("reduce_scatter", state.grad_stats, mine[: ref.numel()], ref)
+    out["reduce_scatter"].update(numel=mine.numel(), padding=mine[ref.numel() :].tolist())
+    all_reduced = comm.all_reduce_(x.clone().bfloat16(), None, state, itemsize=2)
+    record("all_reduce", state.grad_stats, all_reduced.float(), exact)
+    reduced = comm.reduce_(x.clone(), 1, None, state, itemsize=4)  # only rank 1's result is specified
+    record("reduce", state.grad_stats, *((reduced, exact) if rank == 1 else ()))
+    parts = [torch.empty(37) for _ in range(world)]
+    dist.all_gather(parts, x[:37].contiguous())
+    gathered = comm.all_gather(x[:37], None, state, state.weight_stats, "nearest", itemsize=2)
+    record("all_gather", state.weight_stats, gathered, torch.stack(parts))
+    # ZeRO-3's coalesced reduce-scatter: this rank's chunk of each tensor, averaged over ranks.
+    tensors = [torch.randn(k, generator=gen) for k in (100, 5, 48, 1)]
+    sums = [t.clone() for t in tensors]
+    for t in sums:
+        dist.all_reduce(t)
+    deepspeed_patches._grad_scatter.state = state
+    try:
+        pieces = deepspeed_patches._reduce_scatter_coalesced(tensors, None)
+    finally:
+        deepspeed_patches._grad_scatter.state = None
+    chunks = [comm.chunk_size(t.numel(), world) for t in tensors]
+    ref = torch.cat([t[rank * c : (rank + 1) * c] / world for t, c in zip(sums, chunks, strict=True)])
+    record("coalesced", state.grad_stats, torch.cat(pieces), ref)
+    out["coalesced"]["numels"] = [p.numel() for p in pieces]
+    out["seeds_drawn"] = state.calls
+    return out
+
+
 def scenario_zero3_memory() -> dict:
     """Under ZeRO-3 the forward must not keep the gathered weight alive for backward (docs/design.md §5)."""
     import deepspeed

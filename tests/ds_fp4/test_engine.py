@@ -1,4 +1,5 @@
-"""ds_fp4.initialize on real DeepSpeed engines: 2 gloo ranks started by torchrun (engine_worker.py)."""
+"""ds_fp4.initialize on real DeepSpeed engines, and the NVFP4 collectives alone: 2-3 gloo ranks started by
+torchrun (engine_worker.py)."""
 
 import json
 import math
@@ -122,6 +123,28 @@ def test_zero3_weight_comm_quantizes_forward_gathers_and_keeps_checkpoint_gather
     assert ranks[0]["digest"] == ranks[1]["digest"] == ranks[2]["digest"]  # the same model on every rank
 
 
+def test_collectives_reduce_close_to_exact_and_count_their_bytes_exactly(tmp_path):
+    """comm.py on 3 ranks, where shards do not line up with ranks or blocks. A packed row of k elements
+    (k a multiple of 16) is k/2 code bytes + k/16 scale bytes + 4 amax bytes; every rank sends W-1 rows."""
+    ranks = run_scenario("collectives", tmp_path, world=3)
+    for rank, r in enumerate(ranks):
+        # 1000 fp32 elements: shards of 334 (k = 336, rows of 193 bytes); 2 x 334 elements x 4 or 2 bytes.
+        assert r["reduce_scatter"]["bytes"] == [2 * 193, 2 * 334 * 4, 2 * 334 * 2, 1]
+        assert r["reduce_scatter"]["numel"] == 334 and r["reduce_scatter"]["padding"] == [0.0] * (2 if rank == 2 else 0)
+        # The same in bf16, twice: the reduce-scatter, then the all-gather of the reduced 334-element shards.
+        assert r["all_reduce"]["bytes"] == [4 * 193, 4 * 334 * 2, 4 * 334 * 2, 2]
+        # Reduce to rank 1: the others send all 1000 elements (k = 1008, 571 bytes), rank 1 sends nothing.
+        assert r["reduce"]["bytes"] == ([0, 0, 0, 1] if rank == 1 else [571, 1000 * 4, 1000 * 2, 1])
+        # Weights: 37 elements in bf16 (k = 48, 31 bytes) to each of 2 other ranks.
+        assert r["all_gather"]["bytes"] == [2 * 31, 2 * 37 * 2, 2 * 37 * 2, 1]
+        # Coalesced tensors of 100, 5, 48, 1: chunks of 34 + 2 + 16 + 1 = 53 elements (k = 64, 40 bytes).
+        assert r["coalesced"]["bytes"] == [2 * 40, 2 * 53 * 4, 2 * 53 * 2, 1]
+        assert r["coalesced"]["numels"] == [[34, 2, 16, 1], [34, 2, 16, 0], [32, 1, 16, 0]][rank]
+        assert r["seeds_drawn"] == 5  # one per stochastic-rounding quantization; the weight gather rounds to nearest
+        for name in ("reduce_scatter", "all_reduce", "all_gather", "coalesced") + (("reduce",) if rank == 1 else ()):
+            assert 0.05 < r[name]["rel_error"] < 0.3, (rank, name, r[name])  # NVFP4: close, never exact
+
+
 def test_zero3_keeps_its_memory_saving(results):
     for rank in results("zero3_memory"):
         assert rank["local_numel_under_init"] == [0], "zero.Init should leave only empty local partitions"
@@ -145,9 +168,10 @@ def _cfg(stage=0, **nvfp4):
     [
         (_cfg(bogus=1), r"unknown key\(s\) \['bogus'\] in the \"nvfp4\" config section; valid keys: .*grad_comm"),
         (_cfg(2, weight_comm="nvfp4"), "weight_comm=\"nvfp4\" compresses ZeRO-3 .*stage is 2;"),
-        (_cfg(grad_comm="int4"), r"grad_comm must be one of \('nvfp4', 'none'\); got 'int4'"),
-        (_cfg(stats_interval=-1), "stats_interval must be an integer >= 0"),
-        (_cfg(keep_last_blocks="two"), "keep_last_blocks must be an integer >= 0"),
+        # Each message names the key as nvfp4.<key>, what it must be, and the value given.
+        (_cfg(grad_comm="int4"), r"nvfp4\.grad_comm must be .*'nvfp4'.*'none'.*; got 'int4'"),
+        (_cfg(stats_interval=-1), r"nvfp4\.stats_interval must be .*(>= 0|greater than or equal to 0); got -1"),
+        (_cfg(keep_last_blocks="two"), r"nvfp4\.keep_last_blocks must be .*integer.*; got 'two'"),
         ({**_cfg(grad_comm="nvfp4"), "fp16": {"enabled": True}}, "not supported with fp16 dynamic loss scaling"),
         ({"train_batch_size": 2, "zero_optimization": {"stage": 3, "zero_quantized_weights": True},
           "nvfp4": {"weight_comm": "nvfp4"}}, "zero_quantized_weights"),
