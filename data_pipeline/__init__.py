@@ -15,12 +15,14 @@ from .config import DataConfig, SourceSpec
 from .dataset import TokenDataset
 from .embedded import prepare_embedded_corpus
 from .evaluation import EvalLoader, build_eval_loader
+from .geometry import BatchGeometry
 from .loader import BatchLoader
 from .prepare import prepare
 from .storage import IntegrityError, UnsafePathError
 from .verify import verify_dataset
 
 __all__ = [
+    "BatchGeometry",
     "BatchLoader",
     "DataConfig",
     "EvalLoader",

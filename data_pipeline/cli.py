@@ -1,8 +1,9 @@
 """`ds-fp4-data`: prepare, inspect and verify token datasets from the shell.
 
-Subcommands: `prepare` (also `python -m data_pipeline.prepare`), `embedded` (the stdlib corpus),
-`info` (a manifest summary) and `verify` (full SHA-256 check). Argument parsing lives here only; the
-work is done by the same functions the Python API exposes, so the two can never drift apart.
+Subcommands: `prepare`, `embedded` (the stdlib corpus), `info` (a manifest summary) and `verify` (full
+SHA-256 check); `python -m data_pipeline` runs the same (__main__.py). Argument parsing lives here
+only; the work is done by the same functions the Python API exposes, so the two can never drift
+apart. The imports go one way, from this module to the ones that do the work, never back.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .prepare import DEFAULT_SHARD_TOKENS
+from .embedded import prepare_embedded_corpus
+from .manifest import load_manifest
+from .prepare import DEFAULT_SHARD_TOKENS, prepare
+from .storage import resolve
+from .verify import verify_dataset
 
 __all__ = ["main"]
 
@@ -51,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            from .prepare import prepare
-
             path = prepare(
                 args.inputs,
                 args.out,
@@ -68,16 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(path)
         elif args.command == "embedded":
-            from .embedded import prepare_embedded_corpus
-
             path = prepare_embedded_corpus(
                 args.out, args.vocab_size, eval_fraction=args.eval_fraction, workers=args.workers
             )
             print(path)
         elif args.command == "info":
-            from .manifest import load_manifest
-            from .storage import resolve
-
             m = load_manifest(resolve(args.path))
             print(
                 f"{args.path}: {m.num_tokens:,} tokens, {m.num_documents:,} documents, {len(m.shards)} shards, "
@@ -85,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"content hash {m.content_hash}"
             )
         else:
-            from .verify import verify_dataset
-
             problems = verify_dataset(args.path)
             for line in problems:
                 print(line, file=sys.stderr)
@@ -96,7 +92,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-fp4-data {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

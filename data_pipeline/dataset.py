@@ -27,15 +27,13 @@ from collections import OrderedDict
 import numpy as np
 
 from .config import DataConfig, SourceSpec
-from .manifest import MANIFEST_NAME, load_manifest
+from .manifest import EVAL_DIR, MANIFEST_NAME, load_manifest
 from .mixing import Blend
 from .permutation import FeistelPermutation, derive_key
 from .shards import ShardReader
 from .storage import Location, ShardFetcher, UnsafePathError, resolve
 
 __all__ = ["TokenDataset"]
-
-EVAL_DIR = "eval"
 
 
 def _dataset_root(path: str) -> Location:
@@ -197,14 +195,6 @@ class TokenDataset:
         self.fill(src, sample, out)
         return out
 
-    def window(self, source: int, sample: int) -> np.ndarray:
-        """int64 [seq_len + 1]: sample `sample` of source `source` (no shuffling)."""
-        if not 0 <= sample < self._sources[source].num_samples:
-            raise ValueError(f"sample {sample} outside [0, {self._sources[source].num_samples}) of source {source}")
-        out = np.empty((1, self.seq_len + 1), dtype=np.int64)
-        self.fill(np.array([source]), np.array([sample]), out)
-        return out[0]
-
     def fill(self, src: np.ndarray, sample: np.ndarray, out: np.ndarray) -> None:
         """Write the windows (src[i], sample[i]) into the rows of `out` (int64 [n, seq_len + 1])."""
         shard, local = self.place(src, sample)
@@ -277,7 +267,3 @@ class TokenDataset:
         for s in getattr(self, "_sources", []):
             if s.fetcher is not None:
                 s.fetcher.close()
-
-    def eval_dataset(self) -> TokenDataset:
-        """The held-out dataset (config.eval_sources, or each source's eval/ split)."""
-        return TokenDataset(self.config, split="eval")

@@ -17,8 +17,8 @@ import os
 import sys
 import sysconfig
 
-from .manifest import MANIFEST_NAME, load_manifest
-from .prepare import EVAL_DIR, prepare
+from .manifest import EVAL_DIR, MANIFEST_NAME, load_manifest
+from .prepare import prepare
 from .storage import resolve
 
 __all__ = ["prepare_embedded_corpus", "stdlib_sources"]

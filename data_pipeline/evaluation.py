@@ -8,7 +8,9 @@ slice of each, and every `iter()` starts again from the beginning. The held-out 
 dataset that prepare writes with `eval_fraction` > 0 (documents chosen by a hash of their content,
 so they never appear in training), or `DataConfig.eval_sources`.
 
-Traded off: num_batches is capped at one pass over the split, so no eval sample counts twice.
+The batch geometry comes in as one BatchGeometry, cut exactly as in training (geometry.py); each
+evaluation is a finite BatchLoader over it. Traded off: num_batches is capped at one pass over the
+split, so no eval sample counts twice.
 """
 
 from __future__ import annotations
@@ -19,47 +21,41 @@ import torch
 
 from .config import DataConfig
 from .dataset import TokenDataset
+from .geometry import BatchGeometry, Count, Positive, validated
 from .loader import BatchLoader
 
 __all__ = ["EvalLoader", "build_eval_loader"]
 
 
 class EvalLoader:
-    """Finite, repeatable micro-batches of a held-out TokenDataset for rank `rank` of `world_size`."""
+    """Finite, repeatable micro-batches of a held-out TokenDataset for the rank of `geometry`."""
 
+    @validated
     def __init__(
-        self,
-        dataset: TokenDataset,
-        global_batch_size: int,
-        micro_batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        num_batches: int | None = None,
-        prefetch: int = 2,
+        self, dataset: TokenDataset, geometry: BatchGeometry, num_batches: Positive | None = None, prefetch: Count = 2
     ) -> None:
-        # BatchLoader validates the geometry and raises with the offending numbers.
-        probe = BatchLoader(dataset, global_batch_size, micro_batch_size, rank, world_size, prefetch, 0)
-        most = dataset.num_samples // global_batch_size
+        most = dataset.num_samples // geometry.global_batch_size
         if num_batches is None:
             num_batches = most
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or not 1 <= num_batches <= most:
+        if not 1 <= num_batches <= most:
             raise ValueError(
-                f"num_batches = {num_batches!r}: the held-out split {dataset.sources} has "
-                f"{dataset.num_samples} samples, room for 1..{most} global batches of {global_batch_size}"
+                f"num_batches = {num_batches}: the held-out split {dataset.sources} has "
+                f"{dataset.num_samples} samples, room for 1..{most} global batches of {geometry.global_batch_size}"
                 + ("; prepare with a larger eval_fraction or lower the global batch" if most == 0 else "")
             )
         self.dataset = dataset
+        self.geometry = geometry
         self.num_batches = num_batches
-        self._args = (global_batch_size, micro_batch_size, rank, world_size, prefetch)
-        self._micro = num_batches * probe.accumulation_steps
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         """Micro-batches per evaluation on this rank."""
-        return self._micro
+        return self.num_batches * self.geometry.accumulation_steps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        G, B, r, W, prefetch = self._args
-        loader = BatchLoader(self.dataset, G, B, r, W, prefetch, self._micro)
+        loader = BatchLoader(
+            self.dataset, **self.geometry.model_dump(), prefetch=self.prefetch, num_micro_batches=len(self)
+        )
         try:
             yield from loader
         finally:
@@ -76,5 +72,10 @@ def build_eval_loader(
     prefetch: int = 2,
 ) -> EvalLoader:
     """An EvalLoader over `config`'s held-out split (eval_sources, or each source's eval/)."""
+    geometry = BatchGeometry(global_batch_size, micro_batch_size, rank, world_size)  # checked before any I/O
     dataset = TokenDataset(config, split="eval")
-    return EvalLoader(dataset, global_batch_size, micro_batch_size, rank, world_size, num_batches, prefetch)
+    try:
+        return EvalLoader(dataset, geometry, num_batches, prefetch)
+    except BaseException:
+        dataset.close()
+        raise

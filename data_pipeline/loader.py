@@ -1,6 +1,6 @@
 """BatchLoader: this rank's micro-batches of the global order, prefetched on one background thread.
 
-The contract (docs/design.md §6):
+The contract (docs/design.md §6), whose arithmetic BatchGeometry holds, for the train and eval loaders:
 - Global batch g is stream positions [g*G, (g+1)*G). Rank r of W takes the contiguous slice
   [g*G + r*G/W, g*G + (r+1)*G/W), split into A = G/(W*B) micro-batches of B samples. So the order is
   a function of G alone: with the same G, any (W, B) sees the same global batches, and a run resized
@@ -20,6 +20,8 @@ The thread hands batches over in groups of `prefetch` micro-batches (one group w
 while the next is built), because each hand-off costs a GIL transfer and two context switches, which
 is as much as building a micro-batch when both threads share one core. Traded off: up to
 2 x prefetch micro-batches are held in memory (a few MB), and the first batch waits for a group.
+
+Arguments, and the resume state on load, are checked by pydantic once, as geometry.py explains.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ from collections import deque
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from .dataset import TokenDataset
+from .geometry import BatchGeometry, Count, validated
 
 __all__ = ["BatchLoader"]
 
 _PLAN_SAMPLES = 4096  # positions planned (located) per block; amortises the vectorised order maths
+
+
+class BatchLoaderState(BaseModel):
+    """A BatchLoader's whole resume state."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    samples_consumed: Count
 
 
 class _Failure:
@@ -43,15 +55,10 @@ class _Failure:
         self.exc = exc
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"BatchLoader {name} = {value!r}; it must be an int >= {low}")
-    return value
-
-
 class BatchLoader:
     """Micro-batches of rank `rank` of `world_size`; iterate it (endless unless num_micro_batches)."""
 
+    @validated
     def __init__(
         self,
         dataset: TokenDataset,
@@ -59,29 +66,12 @@ class BatchLoader:
         micro_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
-        prefetch: int = 2,
-        num_micro_batches: int | None = None,
+        prefetch: Count = 2,
+        num_micro_batches: Count | None = None,
     ) -> None:
-        if not isinstance(dataset, TokenDataset):
-            raise ValueError(f"BatchLoader needs a TokenDataset, got {type(dataset).__name__}")
-        G = _check_int("global_batch_size", global_batch_size, 1)
-        B = _check_int("micro_batch_size", micro_batch_size, 1)
-        W = _check_int("world_size", world_size, 1)
-        _check_int("rank", rank, 0)
-        _check_int("prefetch", prefetch, 0)
-        if rank >= W:
-            raise ValueError(f"BatchLoader rank = {rank} must be < world_size = {W}")
-        if G % (B * W):
-            raise ValueError(
-                f"global_batch_size {G} must be divisible by micro_batch_size x world_size = {B} x {W} = {B * W}; "
-                f"choose G as a multiple of {B * W} (gradient accumulation steps = G / (B x W))"
-            )
-        if num_micro_batches is not None:
-            _check_int("num_micro_batches", num_micro_batches, 0)
         self.dataset = dataset
-        self.global_batch_size, self.micro_batch_size = G, B
-        self.rank, self.world_size, self.prefetch = rank, W, prefetch
-        self.accumulation_steps = G // (B * W)
+        self.geometry = BatchGeometry(global_batch_size, micro_batch_size, rank, world_size)
+        self.prefetch = prefetch
         self.num_micro_batches = num_micro_batches
         self._t = 0
         self._thread: threading.Thread | None = None
@@ -94,8 +84,7 @@ class BatchLoader:
 
     @property
     def samples_consumed(self) -> int:
-        g, k = divmod(self._t, self.accumulation_steps)
-        return g * self.global_batch_size + k * self.micro_batch_size * self.world_size
+        return self.geometry.samples_consumed(self._t)
 
     @property
     def epoch(self) -> int:
@@ -107,19 +96,9 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state["samples_consumed"]`; the next micro-batches equal an uninterrupted run's."""
-        if not isinstance(state, dict) or set(state) != {"samples_consumed"}:
-            raise ValueError(f"BatchLoader state must be {{'samples_consumed': int}}, got {state!r}")
-        c = state["samples_consumed"]
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise ValueError(f"samples_consumed = {c!r}; it must be an int >= 0")
-        G, BW = self.global_batch_size, self.micro_batch_size * self.world_size
-        if (c % G) % BW:
-            raise ValueError(
-                f"samples_consumed = {c} is not at a micro-step boundary of global_batch_size {G} with "
-                f"micro_batch_size x world_size = {BW}; resume from a checkpoint taken after a full step"
-            )
+        t = self.geometry.micro_step(BatchLoaderState.model_validate(state).samples_consumed)
         self._stop_thread()
-        self._t = (c // G) * self.accumulation_steps + (c % G) // BW
+        self._t = t
 
     # --- iteration -----------------------------------------------------------------------------
 
@@ -132,7 +111,7 @@ class BatchLoader:
             raise StopIteration
         if self.prefetch == 0:
             if self._sync is None:
-                self._sync = _produce(self._plan_args(), self.dataset, None)
+                self._sync = _produce(self._plan(), self.dataset, None)
             batch = next(self._sync)
         else:
             if self._thread is None:
@@ -152,23 +131,16 @@ class BatchLoader:
             raise TypeError("an endless BatchLoader has no len(); pass num_micro_batches for a finite one")
         return self.num_micro_batches
 
-    def _plan_args(self) -> tuple:
-        return (
-            self._t,
-            self.num_micro_batches,
-            self.global_batch_size,
-            self.micro_batch_size,
-            self.rank,
-            self.world_size,
-        )
+    def _plan(self) -> tuple:
+        return self.geometry, self._t, self.num_micro_batches
 
     def _start_thread(self) -> None:
         self._queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_run,
-            args=(self._plan_args(), self.dataset, self._queue, self._stop, self.prefetch),
-            name=f"ds_fp4-loader-r{self.rank}",
+            args=(self._plan(), self.dataset, self._queue, self._stop, self.prefetch),
+            name=f"ds_fp4-loader-r{self.geometry.rank}",
             daemon=True,
         )
         self._thread.start()
@@ -207,17 +179,15 @@ class BatchLoader:
 
 
 def _produce(plan: tuple, dataset: TokenDataset, stop: threading.Event | None):
-    """Generator of micro-batch tensors from micro-step plan[0] on (no reference to the loader)."""
-    t, limit, G, B, rank, W = plan
-    A = G // (B * W)
+    """Micro-batch tensors of plan = (geometry, first micro-step, limit); no reference to the loader."""
+    geometry, t, limit = plan
+    B = geometry.micro_batch_size
     width = dataset.seq_len + 1
     offsets = np.arange(B, dtype=np.int64)
     block = max(1, _PLAN_SAMPLES // B)
     while limit is None or t < limit:
         n = block if limit is None else min(block, limit - t)
-        steps = np.arange(t, t + n, dtype=np.int64)
-        g, k = np.divmod(steps, A)
-        starts = g * G + rank * (G // W) + k * B
+        starts = geometry.starts(np.arange(t, t + n, dtype=np.int64))
         src, sample = dataset.locate((starts[:, None] + offsets).reshape(-1))
         dataset.prefetch(src, sample)
         shard, local = dataset.place(src, sample)

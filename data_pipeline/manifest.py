@@ -23,9 +23,10 @@ import numpy as np
 from .shards import ShardEntry, token_dtype
 from .storage import IntegrityError, Location, safe_relpath
 
-__all__ = ["MANIFEST_NAME", "FORMAT", "Manifest", "load_manifest", "write_manifest"]
+__all__ = ["EVAL_DIR", "MANIFEST_NAME", "FORMAT", "Manifest", "load_manifest", "write_manifest"]
 
 MANIFEST_NAME = "manifest.json"
+EVAL_DIR = "eval"  # a dataset's held-out split: a dataset of its own in this subdirectory
 FORMAT = "ds_fp4.tokens/1"
 _SHARD_KEYS = ("path", "bytes", "tokens", "documents", "sha256", "chunks_sha256")
 

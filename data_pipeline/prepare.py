@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .manifest import MANIFEST_NAME, Manifest, write_manifest
+from .manifest import EVAL_DIR, MANIFEST_NAME, Manifest, write_manifest
 from .shards import ShardWriter, token_dtype
 from .sources import InputFile, iter_documents, list_inputs
 from .storage import Location, resolve
@@ -39,7 +38,6 @@ __all__ = ["prepare", "DEFAULT_SHARD_TOKENS", "is_eval_document"]
 
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB uint16 shards
 TOKENIZER_NAME = "tokenizer.json"
-EVAL_DIR = "eval"
 _TASK_CHARS = 1 << 20
 
 
@@ -209,9 +207,3 @@ def _finish(loc: Location, writer: ShardWriter, tok_json, vocab, eos_id, eos_nam
         if stale not in keep and stale.endswith(".arrow"):
             loc.delete(stale)
     return loc.uri_of(MANIFEST_NAME)
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["prepare", *sys.argv[1:]]))

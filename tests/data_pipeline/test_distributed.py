@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from data_pipeline import TokenDataset
+from launch.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +40,9 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path, path, W, G, B, start, n):
     out = str(tmp_path / f"w{W}-{start}.pt")
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(

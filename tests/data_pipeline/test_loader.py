@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import BatchLoader, DataConfig, TokenDataset, build_eval_loader
+from data_pipeline import BatchGeometry, BatchLoader, DataConfig, EvalLoader, TokenDataset, build_eval_loader
 
 S = 32
 
@@ -148,6 +148,9 @@ def test_finite_loader_and_eval_loader_are_fixed(dataset_dir):
     assert len(eval_windows & train_windows) <= 1
     with pytest.raises(ValueError, match="num_batches"):
         build_eval_loader(cfg, 4, 2, num_batches=10**6)
+    # the same loader, built from its parts: a BatchGeometry states the batch shape once
+    direct = EvalLoader(TokenDataset(cfg, split="eval"), BatchGeometry(4, 2, rank=1, world_size=2), num_batches=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, list(direct), strict=True))
 
 
 def test_geometry_errors_name_the_numbers(ds):
@@ -160,3 +163,35 @@ def test_geometry_errors_name_the_numbers(ds):
         loader.load_state_dict({"samples_consumed": 3})
     with pytest.raises(ValueError, match="samples_consumed"):
         loader.load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match=r"samples_consumed\n.*greater than or equal to 0.*input_value=-8"):
+        loader.load_state_dict({"samples_consumed": -8})
+    with pytest.raises(ValueError, match=r"dataset\n.*instance of TokenDataset"):
+        BatchLoader("runs/data/mine", 8, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        (dict(global_batch_size=0), r"global_batch_size\n.*greater than or equal to 1.*input_value=0"),
+        (dict(micro_batch_size=2.0), r"micro_batch_size\n.*valid integer.*input_value=2.0"),
+        (dict(rank=True), r"rank\n.*valid integer.*input_value=True"),
+        (dict(world_size=-1), r"world_size\n.*greater than or equal to 1.*input_value=-1"),
+        (dict(prefetch=-1), r"prefetch\n.*greater than or equal to 0.*input_value=-1"),
+        (dict(num_micro_batches="3"), r"num_micro_batches\n.*valid integer.*input_value='3'"),
+    ],
+)
+def test_argument_errors_name_the_argument_the_value_and_the_rule(ds, kwargs, expected):
+    # passed by position, as launch/ does: the error still names the argument, not its index
+    args = dict(global_batch_size=8, micro_batch_size=2, rank=0, world_size=1, prefetch=2, num_micro_batches=None)
+    with pytest.raises(ValueError, match=expected):
+        BatchLoader(ds, *(args | kwargs).values())
+
+
+def test_geometry_arithmetic():
+    g = BatchGeometry(12, 2, rank=1, world_size=3)  # A = 2 micro-batches per rank and step
+    assert g.accumulation_steps == 2
+    assert [g.samples_consumed(t) for t in range(5)] == [0, 6, 12, 18, 24]
+    assert [g.micro_step(c) for c in (0, 6, 12, 18, 24)] == list(range(5))
+    # rank 1 of 3 owns positions [4, 8) of each global batch of 12, in micro-batches of 2
+    assert g.starts(np.arange(4)).tolist() == [4, 6, 16, 18]
+    assert g == BatchGeometry(global_batch_size=12, micro_batch_size=2, rank=1, world_size=3)

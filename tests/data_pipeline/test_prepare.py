@@ -112,7 +112,7 @@ def test_argument_errors(tmp_path, corpus_dir, dataset_dir):
 def test_cli_and_module_entry_points(tmp_path, corpus_dir, dataset_dir):
     out = str(tmp_path / "cli")
     run = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", corpus_dir, "--out", out, "--vocab-size", "512",
+        [sys.executable, "-m", "data_pipeline", "prepare", corpus_dir, "--out", out, "--vocab-size", "512",
          "--shard-tokens", "3000", "--eval-fraction", "0.1", "--workers", "0"],
         capture_output=True, text=True,
     )
@@ -120,7 +120,7 @@ def test_cli_and_module_entry_points(tmp_path, corpus_dir, dataset_dir):
     assert "tokens/s" in run.stdout
     assert tree_hashes(out) == tree_hashes(dataset_dir)
     exe = os.path.join(os.path.dirname(sys.executable), "ds-fp4-data")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "data_pipeline.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "data_pipeline"]
     info = subprocess.run(cmd + ["info", out], capture_output=True, text=True)
     assert info.returncode == 0 and "content hash" in info.stdout
     assert subprocess.run(cmd + ["verify", out], capture_output=True, text=True).returncode == 0
