@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_fp4 import comm  # noqa: E402
+from launch.distributed import free_port  # noqa: E402
 
 
 def _time(fn, reps: int, sync) -> float:
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     world = args.world or (torch.cuda.device_count() if args.device == "cuda" else 2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(worker, args=(world, port, args, queue), nprocs=world, start_method="spawn")

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch.config import parse_run_config  # noqa: E402
+from launch.distributed import free_port  # noqa: E402
 
 PRESETS = {
     "cpu": {"config": "configs/convergence-cpu.json", "root": "runs/convergence-cpu", "ranks": 1},
@@ -53,12 +53,6 @@ VARIANTS = {
 }
 MIN_RANKS = {"nvfp4_comm": 2}
 DETERMINISTIC = {"bf16", "no_sr"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -85,7 +79,7 @@ def command(config: str, root: str, name: str, extra: list[str]) -> list[str]:
 
 def start(cmd: list[str], ranks: int, log: Path) -> list[subprocess.Popen]:
     """`ranks` processes of one run, started like srun tasks (RANK/WORLD_SIZE/... in the environment)."""
-    port, procs = str(_port()), []
+    port, procs = str(free_port()), []
     log.parent.mkdir(parents=True, exist_ok=True)
     for r in range(ranks):
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
@@ -127,7 +121,7 @@ def run_all(preset: dict, variants: list[str], extra: list[str], parallel: int, 
             print(f"[{v}] {' '.join(shlex.quote(c) for c in cmd)}  (x{ranks_of[v]} ranks)", flush=True)
             if preset is PRESETS["gpu"]:
                 cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={ranks_of[v]}",
-                       f"--master_port={_port()}", *cmd[1:]]
+                       f"--master_port={free_port()}", *cmd[1:]]
                 procs = [subprocess.Popen(cmd, cwd=REPO)]
             else:
                 procs = start(cmd, ranks_of[v], REPO / preset["root"] / "logs" / v)

@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests" / "support"))
 from tiny_runs import golden_config, steps  # noqa: E402
 
 from launch.cpu_numerics import PORTABLE_CPU_ENV, cpu_model  # noqa: E402
+from launch.distributed import free_port  # noqa: E402
 
 GOLDEN = REPO / "tests" / "golden"
 PUSHES = {
@@ -50,14 +50,8 @@ PUSHES = {
 }
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def golden_curve(cfg: Path, out: Path, env: dict[str, str], wrapper: list[str]) -> list[float]:
-    port = free_port()
+    port = str(free_port())
     procs = []
     for r in range(2):
         rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env,

@@ -186,8 +186,11 @@ def reader_megatron(work: str, n: int) -> dict:
             builder.end_document()
         builder.finalize(prefix + ".idx")
     if not dist.is_initialized():
+        sys.path.insert(0, ROOT)
+        from launch.distributed import free_port
+
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
 
     class Tok:
@@ -227,12 +230,6 @@ def reader_megatron(work: str, n: int) -> dict:
     return {"tok_s": tps, "open_ms": open_ms, "resume_ms": resume_ms}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reader_streaming(work: str, n: int) -> dict:

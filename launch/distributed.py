@@ -81,7 +81,7 @@ def mpi_discovery(env: dict[str, str]) -> tuple[str, str, str, str, str] | None:
         if rank == 0:
             addr = env.get("MASTER_ADDR") or socket.gethostname()
             port = env.get("MASTER_PORT") or str(port_for_job(env["SLURM_JOB_ID"]) if "SLURM_JOB_ID" in env
-                                                 else _free_port())
+                                                 else free_port())
         addr, port = comm.bcast((addr, port), root=0)
     finally:
         if started:
@@ -89,9 +89,11 @@ def mpi_discovery(env: dict[str, str]) -> tuple[str, str, str, str, str] | None:
     return str(rank), str(world), str(local_rank), addr, port
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port that is free now on ``host`` ("" = every interface), for a rendezvous about to start.
+    The one helper for this in the project: the MPI discovery below, the tests and the benchmarks use it."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

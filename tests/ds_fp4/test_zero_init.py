@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.distributed import free_port
+
 WORKER = Path(__file__).with_name("zero_init_worker.py")
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero_init")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": _free_port(), "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,9 @@ from pathlib import Path
 
 from tiny_runs import DEMO, REPO, steps, write_config  # noqa: F401  (re-exported for the tests here)
 
+from launch.distributed import free_port  # noqa: F401  (re-exported for the tests here)
+
 TRAIN = REPO / "launch" / "train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
