@@ -9,8 +9,12 @@
       "trainer": {...}    TrainerConfig: length, schedule, checkpoints, eval, out_dir, bf16 tail
     }
 
-:class:`RunConfig` holds the four sections typed and DeepSpeed's keys as a plain dict (DeepSpeed
-validates those itself); the trainer hands DeepSpeed only its own keys and ds_fp4 the parsed NVFP4Config.
+:class:`RunConfig` holds the four sections typed and DeepSpeed's keys as a plain dict; the trainer hands
+DeepSpeed only its own keys and ds_fp4 the parsed NVFP4Config. DeepSpeed validates its keys' values
+itself, but ignores keys it does not know: launch/deepspeed_keys.py asks DeepSpeed which keys it reads and
+refuses the rest, at parse time. Rules between sections are checked here too, each naming the fix: the
+batch arithmetic (fully once the world size is known: RunConfig.check_world_size) and data.seq_len
+against the model's position limit.
 Every section is a pydantic dataclass whose field types carry the rules (docs/design.md §7), and every
 section's errors go through ``ds_fp4.config_errors.section_errors``, so they read alike:
 ``trainer.max_steps must be greater than or equal to 1; got 0``, or an unknown key with the valid ones. ``--set
@@ -33,8 +37,13 @@ from data_pipeline import DataConfig
 from ds_fp4 import NVFP4Config
 from ds_fp4.config_errors import section_errors
 
+from .deepspeed_keys import check_deepspeed_keys
+
 SECTIONS = ("nvfp4", "model", "data", "trainer")  # the run's own top-level keys; the rest is DeepSpeed's
 SCHEDULE_SHAPES = ("linear", "cosine", "sqrt")
+# A transformers config's longest sequence, by the names architectures give it (the first one set counts;
+# max_position_embeddings also reaches GPT-2's n_positions through transformers' attribute_map).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
 
 # Field types: strict numbers (true is not 1, "2" is not 2), bounds in the type.
 Count = Annotated[int, Field(strict=True, ge=0)]
@@ -65,17 +74,36 @@ class ModelConfig:
 
     def hf_config(self, vocab_size: int):
         """The transformers config, with vocab_size taken from the data unless the config sets it."""
-        from transformers import AutoConfig
-
         if isinstance(self.config, str):
-            cfg = AutoConfig.from_pretrained(self.config)
+            cfg = self._transformers_config()
             if vocab_size and cfg.vocab_size < vocab_size:
                 raise ValueError(f"model vocab_size {cfg.vocab_size} < the data's vocab size {vocab_size}")
             return cfg
-        kwargs = dict(self.config)
-        kwargs.setdefault("vocab_size", vocab_size)
-        if kwargs["vocab_size"] < vocab_size:
-            raise ValueError(f"model.config.vocab_size {kwargs['vocab_size']} < the data's vocab size {vocab_size}")
+        if self.config.get("vocab_size", vocab_size) < vocab_size:
+            raise ValueError(f"model.config.vocab_size {self.config['vocab_size']} < the data's vocab size "
+                             f"{vocab_size}")
+        return self._transformers_config(vocab_size=vocab_size)
+
+    def check_positions(self, seq_len: int) -> None:
+        """Refuse a data.seq_len longer than the model's position limit (max_position_embeddings, or its
+        name in another architecture's config): RoPE models would train past it without a word, and the
+        exported config would still claim the shorter limit. A model without such a limit is not checked."""
+        cfg = self._transformers_config()
+        name = next((n for n in POSITION_LIMITS if isinstance(getattr(cfg, n, None), int)), None)
+        if name is None or seq_len <= getattr(cfg, name):
+            return
+        limit = getattr(cfg, name)
+        where = f"{name} in {self.config}" if isinstance(self.config, str) else f"model.config.{name}"
+        raise ValueError(f"data.seq_len {seq_len} is longer than the model's position limit, {where} = {limit}; "
+                         f"raise {where} to {seq_len} or more, or lower data.seq_len to {limit} or less")
+
+    def _transformers_config(self, **defaults: Any):
+        """AutoConfig from the path, or from the inline keys over ``defaults``."""
+        from transformers import AutoConfig
+
+        if isinstance(self.config, str):
+            return AutoConfig.from_pretrained(self.config)
+        kwargs = {**defaults, **self.config}
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
     def build(self, hf_config, ds_config: Mapping[str, Any]):
@@ -137,7 +165,7 @@ class TrainerConfig:
     eval_batches: Positive = 4
     """Global batches per evaluation."""
     log_interval: Positive = 1
-    """TensorBoard scalars every N steps."""
+    """TensorBoard scalars, and the console's step line when there is no progress bar, every N steps."""
     bf16_tail_fraction: Fraction = 0.0
     """Switch every NVFP4 layer to high precision for this final fraction of the tokens (paper App. D)."""
     max_consecutive_skips: Positive = 5
@@ -147,7 +175,11 @@ class TrainerConfig:
     peak_tflops: Annotated[float, Field(strict=True, gt=0)] | None = None
     """Per-device peak for the MFU estimate; None: a table for known GPUs, a measured matmul on CPU."""
     progress: StrictBool = True
-    """Show a progress bar on rank 0."""
+    """A progress bar on rank 0 when stdout is a terminal; false, or stdout piped to a file: a plain line
+    every log_interval steps instead (launch/console.py). Per-step output is never switched off."""
+    allow_config_change: tuple[Annotated[str, Field(strict=True, min_length=1)], ...] = ()
+    """Keys (``"data.seq_len"``) or whole sections (``"data"``) allowed to differ from the checkpoint's run
+    config on resume; any other change that alters the run is refused (launch/resume.py)."""
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.max_tokens is None):
@@ -178,6 +210,11 @@ class RunConfig:
     def micro_batch(self) -> int:
         return int(self.deepspeed["train_micro_batch_size_per_gpu"])
 
+    def check_world_size(self, world_size: int) -> None:
+        """The batch arithmetic on ``world_size`` ranks (see check_batch); train.py calls it once the
+        process group exists, before DeepSpeed asserts the same rule with bare numbers."""
+        check_batch(self.global_batch, self.micro_batch, world_size)
+
     def total_steps(self, seq_len: int | None = None) -> int:
         if self.trainer.max_steps is not None:
             return self.trainer.max_steps
@@ -206,6 +243,34 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+class ConfigError(ValueError):
+    """A config mistake found once the ranks run (the batch arithmetic on the world size, say), alike on
+    every rank because every rank reads the same config: launch/train.py prints it once, from rank 0,
+    without a traceback. (While the config is parsed, before the ranks meet, any ValueError counts.)"""
+
+
+def check_batch(global_batch: int, micro_batch: int, world_size: int | None = None) -> None:
+    """DeepSpeed's rule train_batch_size = train_micro_batch_size_per_gpu x gradient accumulation steps x
+    world size, as a ConfigError naming the three numbers and what to change. Without the world size (the
+    config is parsed before the ranks are known) only the part every world size shares is checked."""
+    G, B, W = global_batch, micro_batch, world_size or 1
+    if G % (B * W) == 0:
+        return
+    nearest = " or ".join(str(n) for n in (G // (B * W) * B * W, (G // (B * W) + 1) * B * W) if n)
+    if world_size is None:
+        raise ConfigError(f"train_batch_size {G} must be divisible by train_micro_batch_size_per_gpu {B} x the "
+                         f"world size; choose train_batch_size as a multiple of {B} x the number of ranks "
+                         f"(e.g. {nearest} on one rank)")
+    fix = f"choose train_batch_size as a multiple of {B * W} ({nearest})"
+    if G % W == 0:
+        fix += f", or a train_micro_batch_size_per_gpu that divides {G} / {W} = {G // W}"
+    if G % B == 0:
+        fix += f", or a number of ranks that divides {G} / {B} = {G // B}"
+    raise ConfigError(f"train_batch_size {G} must be divisible by train_micro_batch_size_per_gpu x world size = "
+                     f"{B} x {W} = {B * W}; {fix} (gradient accumulation steps = train_batch_size / "
+                     f"(train_micro_batch_size_per_gpu x world size))")
+
+
 def _section(cls: type, name: str, values: Any) -> Any:
     """``cls(**values)`` for the JSON section ``name``, its errors phrased for that section."""
     if not isinstance(values, Mapping):
@@ -215,14 +280,21 @@ def _section(cls: type, name: str, values: Any) -> Any:
 
 
 def parse_run_config(config: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read the run JSON (path or dict), apply overrides, validate every section."""
+    """Read the run JSON (path or dict), apply overrides, validate every section, and the rules between
+    them that are known before the ranks start: DeepSpeed's keys against DeepSpeed (launch/deepspeed_keys.py),
+    the batch arithmetic as far as it holds for every world size, and data.seq_len against the model."""
     source = "<dict>"
     if isinstance(config, Mapping):
         raw = dict(config)
     else:
         source = os.fspath(config)
-        with open(source) as f:
-            raw = json.load(f)
+        try:
+            with open(source) as f:
+                raw = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read the run config {source!r}: {e.strerror}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"the run config {source!r} must hold a JSON object; got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
     ds = {k: v for k, v in raw.items() if k not in SECTIONS}
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
@@ -234,6 +306,8 @@ def parse_run_config(config: str | os.PathLike | Mapping[str, Any], overrides: S
             "remove gradient_accumulation_steps from the config: it is derived as train_batch_size / "
             "(train_micro_batch_size_per_gpu x world size), so a resume on another world size keeps the global batch"
         )
+    check_batch(ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"])
+    check_deepspeed_keys(ds, SECTIONS)
     if not raw.get("model"):
         raise ValueError("the run config needs a \"model\" section with a Hugging Face \"config\"")
     data = raw.get("data", {})
@@ -243,7 +317,7 @@ def parse_run_config(config: str | os.PathLike | Mapping[str, Any], overrides: S
         section = data.pop("embedded")
         embedded = _section(EmbeddedCorpusConfig, "data.embedded", {} if section is True else section)
         data.setdefault("sources", [{"path": embedded.out_dir, "weight": 1.0}])
-    return RunConfig(
+    cfg = RunConfig(
         deepspeed=ds,
         nvfp4=NVFP4Config.from_dict(raw.get("nvfp4")),
         model=_section(ModelConfig, "model", raw["model"]),
@@ -253,3 +327,5 @@ def parse_run_config(config: str | os.PathLike | Mapping[str, Any], overrides: S
         source=source,
         raw=raw,
     )
+    cfg.model.check_positions(cfg.data.seq_len)
+    return cfg

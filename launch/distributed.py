@@ -97,6 +97,20 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
+# Where each launcher puts a process's rank, in the order map_launcher_env trusts them: torchrun / the
+# deepspeed launcher, Open MPI (before Slurm's: mpirun in an allocation inherits SLURM_PROCID=0), PMIx and
+# PMI (MPI under srun; the same number mpi4py reports), Slurm.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def env_rank(env: dict[str, str] | None = None) -> int:
+    """This process's rank from the launcher's variables alone, before the process group exists (0 when
+    none is set): enough to let one rank speak for all, as train.py does for a config error."""
+    env = os.environ if env is None else env
+    value = next((env[name] for name in RANK_VARIABLES if env.get(name, "").isdigit()), "0")
+    return int(value)
+
+
 def map_launcher_env(env: dict[str, str] | None = None, discover: Discovery | None = None) -> str:
     """Fill the torch.distributed variables from the launcher; returns the launcher's name.
 
