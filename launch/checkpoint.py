@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch.distributed as dist
 
@@ -38,13 +41,27 @@ LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+@contextmanager
+def atomic_file(path: Path) -> Iterator[TextIO]:
+    """A text file that replaces ``path`` by an atomic rename once the block ends without an error (a reader
+    sees the old file or the new one, never a part). Its mode is what a plain ``open`` gives (0666 less the
+    umask): tempfile.mkstemp would make it 0600, and the rename would keep that."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    try:
+        with os.fdopen(fd, "w") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -117,9 +134,9 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()
         if dist.get_rank() == 0:
-            _atomic_write(path / META, json.dumps({**meta, "step": step, "time": time.time()}, indent=1))
-            _atomic_write(path / COMPLETE, "")
-            _atomic_write(self.root / LATEST, tag)
+            atomic_write(path / META, json.dumps({**meta, "step": step, "time": time.time()}, indent=1))
+            atomic_write(path / COMPLETE, "")
+            atomic_write(self.root / LATEST, tag)
             self.prune()
         dist.barrier()
         return path
@@ -147,6 +164,6 @@ class CheckpointManager:
                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
             ))
             shutil.copy(ckpt.path / META, out / META)
-            _atomic_write(out / COMPLETE, "")
+            atomic_write(out / COMPLETE, "")
         dist.barrier()
         return tag
