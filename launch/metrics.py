@@ -18,9 +18,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .checkpoint import atomic_file
 
 # Dense BF16 tensor-core peaks (TFLOP/s) of common accelerators; override with trainer.peak_tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0,
@@ -119,17 +123,69 @@ class Throughput:
         return rate
 
 
+def tensorboard_dir(section: Mapping[str, Any] | None, out: Path) -> Path | None:
+    """Where the TensorBoard events go, from DeepSpeed's "tensorboard" config section (absent: on, under
+    out_dir/tensorboard/train; given: on only with "enabled": true, as DeepSpeed reads it). The trainer
+    takes the section away from DeepSpeed, whose own writer would add its lr as `Train/Samples/lr` over
+    samples, a second curve of `train/lr`; RunLog writes every scalar itself."""
+    if section is None:
+        section = {"enabled": True}
+    unknown = sorted(set(section) - {"enabled", "output_path", "job_name"})
+    if unknown or not isinstance(section.get("enabled", False), bool):
+        raise ValueError(f"the \"tensorboard\" config section takes enabled (true/false), output_path and "
+                         f"job_name; got {dict(section)!r}")
+    if not section.get("enabled", False):
+        return None
+    return Path(section.get("output_path") or out / "tensorboard") / section.get("job_name", "train")
+
+
 class RunLog:
     """Where the numbers go, on rank 0 (other ranks write nothing): one JSON line per step in
-    out_dir/steps.jsonl, and TensorBoard scalars through the engine's monitor, because the engine itself
-    logs only the lr (docs/design.md §5)."""
+    out_dir/steps.jsonl, TensorBoard scalars through our own SummaryWriter, and the same scalars to the
+    engine's other monitors (wandb, csv, comet) when the config enables them.
 
-    def __init__(self, out: Path, rank: int, world: int, engine, flops_per_token: float, peak: float) -> None:
+    A run starts at ``start_step`` (a resume's checkpoint, or 0): what a killed run logged after it is
+    dropped, so no step appears twice. steps.jsonl is rewritten without those rows (atomically), and the
+    SummaryWriter opens with ``purge_step``, which makes TensorBoard's readers discard the earlier events
+    from that step on (the old event files themselves stay as they are)."""
+
+    def __init__(self, out: Path, rank: int, world: int, engine, flops_per_token: float, peak: float,
+                 tensorboard: Mapping[str, Any] | None, start_step: int) -> None:
+        """``tensorboard``: DeepSpeed's "tensorboard" config section (tensorboard_dir)."""
         self.out, self.rank, self.world, self.engine = out, rank, world, engine
         self.flops_per_token = flops_per_token  # model_flops_per_token, for the MFU
         self.peak = peak  # peak FLOP/s per device (peak_flops), for the MFU
         monitor = getattr(engine, "monitor", None)
         self.monitor = monitor if rank == 0 and monitor is not None and monitor.enabled else None
+        self.writer = None  # torch's SummaryWriter, rank 0
+        self.dropped = 0  # steps.jsonl rows after start_step, dropped at start
+        where = tensorboard_dir(tensorboard, out)
+        if rank == 0:
+            self.dropped = self._truncate(start_step)
+            if where is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(where), purge_step=start_step + 1)
+
+    def _truncate(self, step: int) -> int:
+        """Keep the rows of steps.jsonl up to ``step``; returns how many later rows were dropped. A row is
+        written with its newline in one call, so a row without one was cut by a kill and goes too."""
+        path = self.out / "steps.jsonl"
+
+        def keep(line: str) -> bool:
+            try:
+                return line.endswith("\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                return False
+
+        if not path.is_file():
+            return 0
+        with open(path) as src:
+            dropped = sum(not keep(line) for line in src)
+        if dropped:  # rewrite only then: the file grows by a line per step
+            with open(path) as src, atomic_file(path) as dst:
+                dst.writelines(line for line in src if keep(line))
+        return dropped
 
     def record(self, row: dict) -> None:
         """One line of steps.jsonl: step, loss, lr, tokens, applied, batch digest."""
@@ -138,6 +194,10 @@ class RunLog:
                 f.write(json.dumps(row) + "\n")
 
     def events(self, events: list[tuple[str, float, int]]) -> None:
+        if self.writer is not None:
+            for tag, value, step in events:
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()  # as DeepSpeed's monitor did: a killed run keeps what it logged
         if self.monitor is not None:
             self.monitor.write_events(events)
 
@@ -173,10 +233,7 @@ class RunLog:
                      for layer, tensors in figures.items() for tensor, values in tensors.items()
                      for name, value in values.items() if math.isfinite(value)])
 
-    def flush(self) -> None:
-        """Flush TensorBoard's writers (every rank: a writer exists wherever the engine made one)."""
-        monitor = getattr(self.engine, "monitor", None)
-        for m in getattr(monitor, "monitors", []) or []:
-            writer = getattr(m, "summary_writer", None)
-            if writer is not None:
-                writer.flush()
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self.writer is not None:
+            self.writer.close()

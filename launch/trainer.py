@@ -16,12 +16,14 @@ Exit codes (also used by slurm/train.sbatch):
     0   finished
     75  preempted (SIGUSR1/SIGTERM): a checkpoint was saved at the next step boundary; requeue me
     65  stopped after trainer.max_consecutive_skips non-finite steps; the message names the last good checkpoint
+    78  a config error (launch/train.py): printed once, by rank 0
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,14 +32,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ds_fp4
-from data_pipeline import BatchLoader, TokenDataset, build_eval_loader, prepare_embedded_corpus
+from data_pipeline import BatchLoader, TokenDataset, prepare_embedded_corpus
 from ds_fp4.stats import collect_stats
 
 from .checkpoint import CheckpointManager
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .console import Console
 from .cpu_numerics import cpu_model, is_pinned
+from .evaluation import held_out_loss, open_eval_loader
 from .export import write_run_files
 from .metrics import RunLog, Throughput, model_flops_per_token, peak_flops, sample_digest, wrap_int64, wsd_lambda
+from .resume import check_resume_config
 from .runtime import fp32_buffers, install_signal_handlers, preemption_signal, restore_fp32_buffers, step_seed
 
 EXIT_OK, EXIT_PREEMPTED, EXIT_DIVERGED = 0, 75, 65
@@ -63,6 +68,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.trainer.out_dir)
         self.ckpts = CheckpointManager(self.out / "checkpoints", cfg.trainer.keep_checkpoints)
+        self.console = Console(self.rank, cfg.trainer.progress)  # rank 0's messages, bar or per-step lines
         # Where the run is; restored from the checkpoint by setup().
         self.step = 0
         self.tokens = 0
@@ -72,7 +78,7 @@ class Trainer:
         self.dataset: TokenDataset | None = None
         self.engine = None  # the DeepSpeed engine (ds_fp4.initialize)
         self.loader: BatchLoader | None = None
-        self.eval_loader = None  # data_pipeline.EvalLoader when trainer.eval_interval is set
+        self.eval_loader = None  # data_pipeline.EvalLoader when evaluating (launch/evaluation.py)
         self.total_steps = 0
         self.tail_step: int | None = None  # the first step of the BF16 tail (trainer.bf16_tail_fraction)
         self.run_log: RunLog | None = None  # steps.jsonl and TensorBoard
@@ -80,11 +86,20 @@ class Trainer:
     # Setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        self.dataset = self._open_data()
         resume = self.ckpts.latest()
+        if resume is not None:  # before anything is built: a refused config fails at once
+            for line in check_resume_config(resume.meta.get("run_config"), cfg.raw,
+                                            t.allow_config_change, str(resume.path)):
+                self.console.say(line)
+        self._prepare_embedded()
+        try:  # a missing dataset, mixed tokenizers, a vocabulary or seq_len the data or model cannot hold
+            self.dataset = TokenDataset(cfg.data)
+            hf_config = cfg.model.hf_config(self.dataset.vocab_size)
+        except (ValueError, FileNotFoundError) as e:  # alike on every rank: said once (launch/train.py)
+            raise ConfigError(f"data / model: {e}") from e
+        self.eval_loader = open_eval_loader(cfg, self.rank, self.world, self.console.say)
         universal = resume is not None and resume.zero_stage > 0 and resume.dp_world_size != self.world
         ds_config = self._deepspeed_config(universal)
-        hf_config = cfg.model.hf_config(self.dataset.vocab_size)
         model = cfg.model.build(hf_config, ds_config)
         self.total_steps = cfg.total_steps(self.dataset.seq_len)
         schedule = wsd_lambda(self.total_steps, t.warmup_steps, t.decay_fraction, t.decay_shape, t.min_lr_ratio)
@@ -100,32 +115,30 @@ class Trainer:
             self._resume(resume, universal)
         if t.bf16_tail_fraction:
             self.tail_step = math.ceil((1 - t.bf16_tail_fraction) * self.total_steps)
-        if t.eval_interval:
-            self.eval_loader = build_eval_loader(cfg.data, cfg.global_batch, cfg.micro_batch, self.rank, self.world,
-                                                 num_batches=t.eval_batches)
         self.run_log = RunLog(self.out, self.rank, self.world, self.engine,
                               model_flops_per_token(self.engine.module, self.dataset.seq_len),
-                              peak_flops(t.peak_tflops)[0])
+                              peak_flops(t.peak_tflops)[0], cfg.deepspeed.get("tensorboard"), self.step)
+        if self.run_log.dropped:
+            self.console.say(f"steps.jsonl: dropped {self.run_log.dropped} rows after step {self.step}, "
+                             "logged by the run that stopped; they are redone")
         if self.rank == 0:
             write_run_files(self.out, cfg.raw, hf_config, self.dataset)
-            self._announce()
+        self._announce()
 
-    def _open_data(self) -> TokenDataset:
+    def _prepare_embedded(self) -> None:
+        """Rank 0 prepares the embedded corpus on first use (data.embedded); the others wait."""
         emb = self.cfg.embedded
         if emb is not None:
             if self.rank == 0:
                 prepare_embedded_corpus(emb.out_dir, vocab_size=emb.vocab_size, eval_fraction=emb.eval_fraction,
                                         max_files=emb.max_files, progress=self.cfg.trainer.progress)
             dist.barrier()
-        return TokenDataset(self.cfg.data)
 
     def _deepspeed_config(self, universal: bool) -> dict:
-        """A copy of DeepSpeed's keys, with TensorBoard under out_dir and, to resume on another world size,
-        universal checkpoint loading (DeepSpeed reads it when it builds the engine)."""
+        """A copy of DeepSpeed's keys without "tensorboard" (RunLog writes the events itself)
+        and, to resume on another world size, universal checkpoint loading (read when the engine is built)."""
         ds_config = copy.deepcopy(self.cfg.deepspeed)
-        tb = ds_config.setdefault("tensorboard", {"enabled": True})
-        tb.setdefault("output_path", str(self.out / "tensorboard"))
-        tb.setdefault("job_name", "train")
+        ds_config.pop("tensorboard", None)
         if universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return ds_config
@@ -142,19 +155,18 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         if state.get("nvfp4_comm"):
             self.engine.nvfp4.comm.load_state_dict(state["nvfp4_comm"])
-        if self.rank == 0:
-            how = f"universal checkpoint from {ckpt.dp_world_size} ranks" if universal else "checkpoint"
-            print(f"resumed from {ckpt.path} ({how}) at step {self.step}", flush=True)
+        how = f"universal checkpoint from {ckpt.dp_world_size} ranks" if universal else "checkpoint"
+        self.console.say(f"resumed from {ckpt.path} ({how}) at step {self.step}")
 
     def _announce(self) -> None:
-        report = self.engine.nvfp4.report
-        print(str(report) if report is not None else "NVFP4 disabled: every layer in high precision", flush=True)
-        print(f"train: {self.total_steps} steps x {self.cfg.global_batch} x {self.dataset.seq_len} tokens on "
-              f"{self.world} ranks ({self.engine.gradient_accumulation_steps()} micro-steps per step), "
-              f"from step {self.step}", flush=True)
+        report, say = self.engine.nvfp4.report, self.console.say
+        say(str(report) if report is not None else "NVFP4 disabled: every layer in high precision")
+        say(f"train: {self.total_steps} steps x {self.cfg.global_batch} x {self.dataset.seq_len} tokens on "
+            f"{self.world} ranks ({self.engine.gradient_accumulation_steps()} micro-steps per step), "
+            f"from step {self.step}")
         if self.engine.device.type == "cpu":
             how = "pinned (launch.cpu_numerics)" if is_pinned() else f"{cpu_model()}'s own"
-            print(f"cpu numerics: {how}; other CPUs give other losses unless pinned (docs/trainer.md)", flush=True)
+            say(f"cpu numerics: {how}; other CPUs give other losses unless pinned (docs/trainer.md)")
 
     # One step --------------------------------------------------------------------------------------
     def _micro_loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -239,32 +251,18 @@ class Trainer:
 
     def evaluate(self) -> float:
         """The mean loss over every rank's held-out batches."""
-        self.engine.eval()
-        total, n = torch.zeros((), device=self.engine.device), 0
-        with torch.no_grad():
-            for batch in self.eval_loader:
-                total += self._micro_loss(batch).float()
-                n += 1
-        self.engine.train()
-        t = torch.stack([total, total.new_tensor(float(n))])
-        dist.all_reduce(t)
-        return (t[0] / t[1]).item()
+        return held_out_loss(self.engine, self.eval_loader, self._micro_loss)
 
     # The loop ----------------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg, t = self.cfg, self.cfg.trainer
         install_signal_handlers()  # no-op if train.main already did; keeps Trainer usable on its own
         if self.step >= self.total_steps:
-            if self.rank == 0:
-                print(f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}", flush=True)
+            self.console.say(f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}")
             return EXIT_OK
         loss = math.nan
         tokens_per_step = cfg.global_batch * self.dataset.seq_len
-        bar = None
-        if self.rank == 0 and t.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        self.console.start(self.step, self.total_steps)
         speed = Throughput()
         while self.step < self.total_steps:
             if self.tail_step is not None and self.step >= self.tail_step and self._tail_switch():
@@ -274,33 +272,32 @@ class Trainer:
             self.step += 1
             self.tokens += tokens_per_step
             speed.add(tokens_per_step)
+            lr = self.engine.get_lr()[0]
             self.run_log.record({"step": self.step, "loss": loss if math.isfinite(loss) else None,
-                                 "digest": result.digest, "applied": result.applied, "lr": self.engine.get_lr()[0],
-                                 "tokens": self.tokens})
+                                 "digest": result.digest, "applied": result.applied, "lr": lr, "tokens": self.tokens})
             if self._too_many_skips(result.applied):
                 return EXIT_DIVERGED
+            rate = None
             if self.step % t.log_interval == 0 or self.step == self.total_steps:
-                self.run_log.step(self.step, loss, speed.report(), self.tokens, self.skips_total, result.figures)
+                rate = speed.report()
+                self.run_log.step(self.step, loss, rate, self.tokens, self.skips_total, result.figures)
             elif result.figures:
                 self.run_log.health(self.step, result.figures)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed.overall():,.0f}")
-                bar.update(1)
+            self.console.step(self.step, self.total_steps, loss, lr, rate, speed.overall())
             if self.eval_loader is not None and self.step % t.eval_interval == 0:
-                self.run_log.events([("eval/loss", self.evaluate(), self.step)])
+                eval_loss = self.evaluate()
+                self.run_log.events([("eval/loss", eval_loss, self.step)])
+                self.console.say(f"eval at step {self.step}: loss {eval_loss:.4f}")
             if self._any_rank(preemption_signal() is not None):
                 self.save()
-                if self.rank == 0:
-                    print(f"preempted ({preemption_signal() or 'signal on another rank'}): checkpoint saved at "
-                          f"step {self.step}, exiting with {EXIT_PREEMPTED}", flush=True)
+                self.console.say(f"preempted ({preemption_signal() or 'signal on another rank'}): exiting with "
+                                 f"{EXIT_PREEMPTED}; a restart resumes from step {self.step}")
                 return EXIT_PREEMPTED
             if t.save_interval and self.step % t.save_interval == 0 and self.step < self.total_steps:
                 self.save()
         self.save()
-        if bar is not None:
-            bar.close()
-        if self.rank == 0:
-            print(f"done: {self.step} steps, {self.tokens:,} tokens, final loss {loss:.4f}", flush=True)
+        self.console.close()
+        self.console.say(f"done: {self.step} steps, {self.tokens:,} tokens, final loss {loss:.4f}")
         return EXIT_OK
 
     def _too_many_skips(self, applied: bool) -> bool:
@@ -310,15 +307,13 @@ class Trainer:
             return False
         self.skips_in_a_row += 1
         self.skips_total += 1
-        if self.rank == 0:
-            print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.skips_in_a_row} in a row)",
-                  flush=True)
+        self.console.say(f"step {self.step}: non-finite loss or gradient, step skipped ({self.skips_in_a_row} "
+                         "in a row)")
         if self.skips_in_a_row < self.cfg.trainer.max_consecutive_skips:
             return False
         last = self.ckpts.latest()
-        if self.rank == 0:
-            print(f"stopping: {self.skips_in_a_row} consecutive non-finite steps; the last good "
-                  f"checkpoint is {last.path if last else 'none (no checkpoint was saved)'}", flush=True)
+        self.console.say(f"stopping: {self.skips_in_a_row} consecutive non-finite steps; the last good "
+                         f"checkpoint is {last.path if last else 'none (no checkpoint was saved)'}")
         return True
 
     def _tail_switch(self) -> bool:
@@ -327,19 +322,22 @@ class Trainer:
             return False
         ds_fp4.set_nvfp4_active(self.engine.module, False)
         self.engine.nvfp4.set_comm_active(self.engine, False)
-        if self.rank == 0:
-            print(f"step {self.step}: switching all NVFP4 layers and communication to high precision for the "
-                  f"last {self.cfg.trainer.bf16_tail_fraction:.0%} of training", flush=True)
+        self.console.say(f"step {self.step}: switching all NVFP4 layers and communication to high precision for "
+                         f"the last {self.cfg.trainer.bf16_tail_fraction:.0%} of training")
         return True
 
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "skips_total": self.skips_total,
                  "data": self.loader.state_dict(), "nvfp4_comm": self.engine.nvfp4.comm.state_dict()}
-        meta = {**state, "dp_world_size": self.world, "zero_stage": self.engine.zero_optimization_stage()}
-        self.ckpts.save(self.engine, self.step, {"trainer": state}, meta)
+        meta = {**state, "dp_world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
+                "run_config": self.cfg.raw}  # compared on resume (launch/resume.py)
+        t0 = time.perf_counter()
+        path = self.ckpts.save(self.engine, self.step, {"trainer": state}, meta)
+        self.console.say(f"checkpoint saved at step {self.step} ({path}, {time.perf_counter() - t0:.1f} s)")
 
     def close(self) -> None:
+        self.console.close()
         if self.loader is not None:
             self.loader.close()
         if self.run_log is not None:
-            self.run_log.flush()
+            self.run_log.close()

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -30,7 +31,11 @@ def baseline(corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("baseline")
     cfg = write_config(d / "cfg.json", corpus, nvfp4={"stats_interval": 3},
                        trainer={"eval_interval": 4, "eval_batches": 1})
-    run(cfg, 2)
+    umask = os.umask(0o022)  # the usual umask, so that the files' modes are known
+    try:
+        run(cfg, 2)
+    finally:
+        os.umask(umask)
     return d / "run", cfg
 
 
@@ -43,6 +48,7 @@ def test_demo_config_runs_and_logs_every_scalar_to_tensorboard(baseline):
     tags = set(acc.Tags()["scalars"])
     missing = [t for t in SCALARS if t not in tags]
     assert not missing, missing
+    assert not [t for t in tags if t.startswith("Train/Samples/")]  # DeepSpeed's duplicate of train/lr
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
     layer = "model.layers.1.mlp.down_proj"  # converted (blocks 0 and 3 stay in BF16)
     for tensor in ("input", "weight", "grad"):
@@ -64,6 +70,9 @@ def test_checkpoints_are_complete_pruned_and_pointed_to(baseline):
     assert complete == ["step_00000004", "step_00000008"]  # keep_checkpoints = 2
     meta = json.loads((ckpts / "step_00000008" / "meta.json").read_text())
     assert meta["step"] == 8 and meta["dp_world_size"] == 2 and meta["data"] == {"samples_consumed": 8 * 16}
+    assert meta["run_config"] == json.loads(baseline[1].read_text())  # compared on resume
+    for f in (ckpts / "latest", ckpts / "step_00000008" / "meta.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f  # the umask's mode, as any file (not mkstemp's 0600)
 
 
 KILL_SCRIPT = """
@@ -82,7 +91,10 @@ sys.exit(train.main())
 
 def test_kill_9_then_restart_repeats_the_uninterrupted_losses_exactly(baseline, tmp_path):
     """Determinism makes this bitwise on CPU: per-step RNG reseeding, the loader counter, the optimizer state
-    and the NVFP4 communication counter are all restored from the step-4 checkpoint."""
+    and the NVFP4 communication counter are all restored from the step-4 checkpoint. What the killed run
+    logged after step 4 is dropped, so steps.jsonl and TensorBoard hold every step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ref_out, ref_cfg = baseline
     cfg = json.loads(ref_cfg.read_text())
     cfg["trainer"]["out_dir"] = str(tmp_path / "run")
@@ -95,12 +107,46 @@ def test_kill_9_then_restart_repeats_the_uninterrupted_losses_exactly(baseline, 
     out = tmp_path / "run"
     assert ranks.procs[0].returncode == -signal.SIGKILL
     assert max(steps(out)) == 6 and (out / "checkpoints" / "latest").read_text() == "step_00000004"
-    run(tmp_path / "cfg.json", 2)
+    resumed = run(tmp_path / "cfg.json", 2).output()
+    assert "steps.jsonl: dropped 2 rows after step 4" in resumed
+    lines = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, 9))  # 5 and 6 once, though the killed run had logged them
+    acc = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(list((out / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))  # the killed run's 5, 6 purged
     ours, ref = steps(out), steps(ref_out)
     assert sorted(ours) == list(range(1, 9))
     for s in range(5, 9):
         assert ours[s]["digest"] == ref[s]["digest"]
         assert ours[s]["loss"] == ref[s]["loss"], (s, ours[s]["loss"], ref[s]["loss"])
+
+
+def test_resume_refuses_a_changed_run_unless_the_change_is_allowed(baseline, tmp_path):
+    """seq_len and max_steps change what the resumed run computes: refused, naming each key old -> new, until
+    trainer.allow_config_change lists them. log_interval and out_dir only change what is logged where."""
+    ref_out, ref_cfg = baseline
+    cfg = json.loads(ref_cfg.read_text())
+    cfg["trainer"].update(out_dir=str(tmp_path / "run"), log_interval=2, max_steps=10)
+    cfg["data"]["seq_len"] = 32
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    shutil.copytree(ref_out / "checkpoints" / "step_00000004", tmp_path / "run" / "checkpoints" / "step_00000004")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000004")
+    text = run(tmp_path / "cfg.json", 2, expect=78).output()  # a config error, said once by rank 0
+    assert text.count("the config changed since the checkpoint") == 1, text[-3000:]
+    assert "  data.seq_len: 64 -> 32\n  trainer.max_steps: 8 -> 10\n" in text
+    assert """--set 'trainer.allow_config_change=["data.seq_len", "trainer.max_steps"]'""" in text
+    assert "log_interval: " not in text and not (tmp_path / "run" / "steps.jsonl").exists()
+
+    allowed = run(tmp_path / "cfg.json", 2, ['trainer.allow_config_change=["data.seq_len", "trainer.max_steps"]'])
+    text = allowed.output()
+    assert text.count("resume: config changes since the checkpoint that leave the run as it was: ") == 1
+    assert "trainer.log_interval: 1 -> 2" in text and f'trainer.out_dir: "{ref_out}" -> "{tmp_path / "run"}"' in text
+    assert "allow_config_change: (unset)" not in text  # the list itself is said once, below
+    assert ("resume: config changes accepted by trainer.allow_config_change (the run continues differently): "
+            "data.seq_len: 64 -> 32; trainer.max_steps: 8 -> 10") in text
+    assert "resumed from" in text and "train: 10 steps x 16 x 32 tokens" in text
+    assert sorted(steps(tmp_path / "run")) == list(range(5, 11))
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_data_order(baseline, tmp_path):

@@ -77,9 +77,9 @@ def test_usr1_checkpoints_requeues_the_job_and_it_finishes_like_an_uninterrupted
     print(f"preemption round trip: {time.time() - t0:.0f} s")
     text = log(cfg, job_id)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
-    saved = re.search(r"preempted \((?:SIGUSR1|signal on another rank)\): checkpoint saved at step (\d+), "
-                      r"exiting with 75", text)
-    assert saved, text[-4000:]
+    saved = re.search(r"checkpoint saved at step (\d+) \(.*\)\npreempted \((?:SIGUSR1|signal on another rank)\): "
+                      r"exiting with 75; a restart resumes from step (\d+)\n", text)
+    assert saved and saved.group(1) == saved.group(2), text[-4000:]
     step = int(saved.group(1))
     assert 3 <= step < 16
     assert f"ds_fp4: preempted, checkpoint saved; requeueing job {job_id}" in text
@@ -130,15 +130,29 @@ def test_a_chain_link_stopped_with_usr2_hands_over_to_the_next_on_fewer_ranks(re
 
 
 def test_a_failing_run_is_requeued_max_restarts_times_then_left_failed(corpus, tmp_path):
+    """A crash (here: rank 0 cannot create its run directory under /dev/null) is requeued, as a lost node is."""
     cfg = write_config(tmp_path / "cfg.json", corpus)
     # submit.sh passes --wait to sbatch, which then returns the job's exit code.
-    job_id, r = submit(cfg, tmp_path, "--wait", SET="trainer.no_such_key=1", MAX_RESTARTS="1")
+    job_id, r = submit(cfg, tmp_path, "--wait", SET='trainer.out_dir="/dev/null/run"', MAX_RESTARTS="1")
     text = log(cfg, job_id)
     assert r.returncode == 1, (r.stderr, text[-4000:])
     info = job(job_id)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "1")
     assert f"ds_fp4: failed with exit code 1 (1 of MAX_RESTARTS=1); requeueing job {job_id}" in text
     assert text.rstrip().endswith("ds_fp4: failed with exit code 1; not requeued (restart 1, MAX_RESTARTS=1)")
+
+
+def test_a_config_error_is_said_once_and_not_requeued(corpus, tmp_path):
+    """Exit 78: a restart would fail the same way, so the job fails at once, whatever MAX_RESTARTS allows."""
+    cfg = write_config(tmp_path / "cfg.json", corpus)
+    job_id, r = submit(cfg, tmp_path, "--wait", SET="trainer.no_such_key=1", MAX_RESTARTS="3")
+    text = log(cfg, job_id)
+    assert r.returncode == 78, (r.stderr, text[-4000:])
+    assert (job(job_id)["JobState"], job(job_id)["Restarts"]) == ("FAILED", "0")
+    assert text.count("unknown key(s) ['no_such_key'] in the \"trainer\" config section") == 1, text[-4000:]
+    assert "Traceback" not in text and "requeueing" not in text
+    assert text.rstrip().endswith(f"ds_fp4: config error (the message above); not requeued: fix {cfg} and submit "
+                                  "again")
 
 
 # MPI launches ----------------------------------------------------------------------------------------------
