@@ -20,6 +20,7 @@ sources need their shards cached locally (storage.py explains why).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from .manifest import EVAL_DIR, MANIFEST_NAME, load_manifest
 from .mixing import Blend
 from .permutation import FeistelPermutation, derive_key
 from .shards import ShardReader
-from .storage import Location, ShardFetcher, UnsafePathError, resolve
+from .storage import IntegrityError, Location, ShardFetcher, UnsafePathError, resolve
 
 __all__ = ["TokenDataset"]
 
@@ -172,6 +173,16 @@ class TokenDataset:
     @property
     def sources(self) -> list[str]:
         return [s.loc.uri for s in self._sources]
+
+    def tokenizer_bytes(self) -> bytes:
+        """The tokenizer.json the data was tokenized with, read where the dataset lives (a local directory or
+        s3://...; ``tokenizer_path`` is a URI, not always a local path), checked against the manifest's SHA-256."""
+        first = self._sources[0]
+        data = first.loc.read_bytes(first.manifest.tokenizer_path)
+        if hashlib.sha256(data).hexdigest() != first.manifest.tokenizer_sha256:
+            raise IntegrityError(f"{self.tokenizer_path} does not match the SHA-256 in {first.loc.uri}'s manifest; "
+                                 "the dataset was changed after prepare: re-run prepare")
+        return data
 
     def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """(source index, sample index) of each global stream position (any int >= 0)."""

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import torch.distributed as dist
 
@@ -42,14 +42,14 @@ UNIVERSAL_SUFFIX = "_universal"
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[TextIO]:
-    """A text file that replaces ``path`` by an atomic rename once the block ends without an error (a reader
-    sees the old file or the new one, never a part). Its mode is what a plain ``open`` gives (0666 less the
-    umask): tempfile.mkstemp would make it 0600, and the rename would keep that."""
+def atomic_file(path: Path, binary: bool = False) -> Iterator[TextIO | BinaryIO]:
+    """A file (text, or bytes when ``binary``) that replaces ``path`` by an atomic rename once the block ends
+    without an error (a reader sees the old file or the new one, never a part). Its mode is what a plain
+    ``open`` gives (0666 less the umask): tempfile.mkstemp would make it 0600, and the rename would keep that."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

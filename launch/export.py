@@ -46,13 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_file, atomic_write
 
 RUN_CONFIG = "run_config.json"
 ROPE_INDEPENDENT_OF_LENGTH = ("default", "linear")  # rope types whose frequencies ignore max_position_embeddings
@@ -93,14 +92,10 @@ def write_run_files(run_dir: Path, raw_config: dict, hf_config, dataset) -> None
         print(f"the run config changed: the previous one is kept as {kept}", flush=True)
     atomic_write(model_dir / "config.json", hf_config.to_json_string(use_diff=True))
     if dataset.tokenizer_path:
-        # Byte for byte (the manifest's SHA-256 names these bytes), whole or not at all; copyfile creates the
-        # temporary file as open() does, so it gets open()'s mode.
-        tmp = model_dir / f".tokenizer.json.{os.getpid()}"
-        try:
-            shutil.copyfile(dataset.tokenizer_path, tmp)
-            os.replace(tmp, model_dir / "tokenizer.json")
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Byte for byte (checked against the manifest's SHA-256), from wherever the data lives (s3:// too),
+        # whole or not at all.
+        with atomic_file(model_dir / "tokenizer.json", binary=True) as f:
+            f.write(dataset.tokenizer_bytes())
     meta = {"eos_id": dataset.eos_id, "vocab_size": dataset.vocab_size, "seq_len": dataset.seq_len}
     atomic_write(model_dir / "data.json", json.dumps(meta, indent=1))
 

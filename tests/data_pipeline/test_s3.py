@@ -78,6 +78,41 @@ def test_s3_round_trip_matches_local(remote, tmp_path, dataset_dir):
     ev.close()
 
 
+def test_a_run_over_s3_data_keeps_its_tokenizer_and_evaluates_on_the_s3_split(s3, remote, tmp_path):
+    """What the trainer does at start with an s3:// source: write_run_files copies the tokenizer from S3 (it
+    once opened the URI as a local path), checked against the manifest; the default evaluation finds the
+    source's eval/ split on S3."""
+    from transformers import LlamaConfig
+
+    from data_pipeline import DataConfig, build_eval_loader
+    from launch.export import write_run_files
+
+    query, fs = s3
+    out, _ = remote
+    cfg = DataConfig(sources=[out], seq_len=8, cache_dir=str(tmp_path / "cache"))
+    ds = TokenDataset(cfg)
+    assert ds.tokenizer_path == f"s3://bkt/ds/tokenizer.json?{query}"
+    write_run_files(tmp_path / "run", {"data": {"sources": [out]}}, LlamaConfig(vocab_size=ds.vocab_size), ds)
+    with fs.open_input_stream("bkt/ds/tokenizer.json") as f:
+        original = f.read()
+    assert (tmp_path / "run" / "model" / "tokenizer.json").read_bytes() == original
+    evals = build_eval_loader(cfg, 4, 2, num_batches=1)
+    assert evals.left_out == () and evals.dataset.sources == [f"s3://bkt/ds/eval?{query}"]
+    assert [b.shape for b in evals] == [(2, 9), (2, 9)]
+    evals.dataset.close()
+
+    with fs.open_output_stream("bkt/ds/tokenizer.json") as f:  # changed after prepare
+        f.write(original.replace(b"<|endoftext|>", b"<|end_of_doc|>"))
+    try:
+        with pytest.raises(IntegrityError, match=r"tokenizer.json\?.* does not match the SHA-256 in .*re-run prepare"):
+            write_run_files(tmp_path / "run", {}, LlamaConfig(vocab_size=ds.vocab_size), ds)
+        assert (tmp_path / "run" / "model" / "tokenizer.json").read_bytes() == original  # left as it was
+    finally:
+        with fs.open_output_stream("bkt/ds/tokenizer.json") as f:
+            f.write(original)
+        ds.close()
+
+
 def test_corrupted_remote_shard_is_refused_at_fetch(s3, remote, tmp_path):
     query, fs = s3
     entry = load_manifest(resolve(f"s3://bkt/ds?{query}")).shards[2]
