@@ -336,8 +336,12 @@ class Trainer:
         self.console.say(f"checkpoint saved at step {self.step} ({path}, {time.perf_counter() - t0:.1f} s)")
 
     def close(self) -> None:
+        """Stop the loader's thread, then unmap the datasets (remote fetch threads too) and close the logs."""
         self.console.close()
         if self.loader is not None:
             self.loader.close()
+        for dataset in (self.dataset, self.eval_loader and self.eval_loader.dataset):
+            if dataset is not None:
+                dataset.close()
         if self.run_log is not None:
             self.run_log.close()
