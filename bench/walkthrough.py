@@ -134,10 +134,6 @@ def train_and_kill(cmd: list[str], run_dir: Path, kill_at: int, log: Path) -> di
     """Start the launcher; once steps.jsonl reaches kill_at, SIGKILL the rank with --local_rank=1."""
     with open(log, "w") as f:
         launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-        return _kill_when(launcher, run_dir, kill_at)
-
-
-def _kill_when(launcher: subprocess.Popen, run_dir: Path, kill_at: int) -> dict:
     killed = None
     while launcher.poll() is None:
         if killed is None and last_step(run_dir) >= kill_at:
@@ -251,6 +247,7 @@ def main() -> int:
     result = {"bench": "walkthrough", "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
               "args": {k: str(v) for k, v in vars(a).items()}, "seconds": times,
               "total_seconds": round(sum(times.values()), 1), "figures": figures, "ok": ok}
+    result = json.loads(json.dumps(result).replace(str(REPO) + "/", ""))  # paths relative to the repository
     print(json.dumps(result, indent=1))
     a.results.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")

@@ -44,13 +44,14 @@ def held_out_sources(config: DataConfig) -> tuple[tuple[SourceSpec, ...], tuple[
     Raises NoHeldOutSplit when eval_sources is not set and no source has a split, and FileNotFoundError
     or ValueError for a given eval source that is not a prepared dataset or is a training source."""
     if config.eval_sources is not None:
+        training = {_dataset_root(s.path).uri for s in config.sources}
         for i, spec in enumerate(config.eval_sources):
             loc = _dataset_root(spec.path)
             split = loc.child(EVAL_DIR)
             has_split = split.exists(MANIFEST_NAME)
             fix = (f"give its held-out split {split.uri}" if has_split else
                    f"prepare it with --eval-fraction > 0 (it has no {EVAL_DIR}/ split)")
-            if loc.uri in {_dataset_root(s.path).uri for s in config.sources}:
+            if loc.uri in training:
                 raise ValueError(f"eval_sources[{i}] = {spec.path!r} is also a training source, so its loss "
                                  f"would not be held out: {fix}, give another prepared dataset, or leave "
                                  "eval_sources unset to use every source's held-out split")
