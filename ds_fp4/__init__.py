@@ -1,7 +1,9 @@
 """ds_fp4: NVFP4 (4-bit) pretraining for DeepSpeed models, on any hardware.
 
 Public API (docs/design.md §4): quantize / dequantize / NVFP4Tensor (the torch reference and its kernels),
-NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, and initialize (a drop-in for deepspeed.initialize).
+NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, initialize (a drop-in for deepspeed.initialize), and
+patch_deepspeed / unpatch_deepspeed (deepspeed.initialize itself honours an "nvfp4" config section, for
+HF Trainer, Accelerate, Lightning and other scripts: docs/integrations.md; ``python -m ds_fp4.run``).
 """
 
 # Import torch._dynamo now, before any deepspeed.zero.Init can be entered in a process that uses ds_fp4.
@@ -12,6 +14,7 @@ NVFP4Recipe, NVFP4Linear, convert_to_nvfp4, and initialize (a drop-in for deepsp
 import torch._dynamo  # noqa: F401,I001
 
 from .convert import ConversionReport, convert_to_nvfp4, set_nvfp4_active
+from .deepspeed_patches import patch_deepspeed, unpatch_deepspeed
 from .engine import NVFP4Config, initialize
 from .linear import NVFP4Linear
 from .nvfp4 import NVFP4Tensor, dequantize, matmul, quantize
@@ -28,7 +31,9 @@ __all__ = [
     "dequantize",
     "initialize",
     "matmul",
+    "patch_deepspeed",
     "quantize",
     "set_nvfp4_active",
+    "unpatch_deepspeed",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,11 @@ DeepSpeed ignores keys it does not know (checked with 0.19.8), such as a trainer
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
+import functools
+import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -26,7 +31,7 @@ from typing import Any, Literal
 import pydantic
 import torch
 
-from . import comm, deepspeed_patches
+from . import comm, deepspeed_patches, rng
 from .config_errors import STRICT_FIELDS, NonNegInt, section_errors
 from .convert import ConversionReport, convert_to_nvfp4
 from .linear import NVFP4Linear
@@ -47,6 +52,11 @@ class NVFP4Config:
     """"nvfp4": ZeRO-3 all-gathers NVFP4Linear weights as NVFP4 (stage 3 only); "none": full precision."""
     seed: NonNegInt = 0
     """Seed of the communication's stochastic rounding (layer SR seeds follow torch.manual_seed)."""
+    sr_rank_seeds: pydantic.StrictBool = True
+    """Fold the data-parallel rank into the layers' stochastic-rounding seeds (ds_fp4.rng.set_rank_fold), so
+    that ranks which seed torch alike (HF Trainer, most scripts) draw independent rounding noise, which
+    then averages out in the gradient reduction. Rank 0 draws as before. launch/ turns it off: the trainer
+    seeds every rank from (seed, step, rank) itself."""
     stats_interval: NonNegInt = 0
     """Every N steps the trainer logs per-layer quantization health (0: never)."""
 
@@ -104,11 +114,22 @@ class NVFP4EngineState:
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """A DeepSpeed config as a dict: a JSON file path or a mapping (copied)."""
+    """A DeepSpeed config as a dict, from what deepspeed.initialize accepts: a mapping (copied), a JSON
+    file path, or the base64 of a JSON object (DeepSpeed's launcher passes configs that way)."""
     if isinstance(config, Mapping):
         return json.loads(json.dumps(config))  # deep copy, and proof that it is JSON
-    with open(config) as f:
-        return json.load(f)
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"a DeepSpeed config is a dict, a JSON file path or base64 JSON; got {type(config).__name__}")
+    if os.path.exists(config):
+        with open(config) as f:
+            return json.load(f)
+    try:
+        loaded = json.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise FileNotFoundError(f"DeepSpeed config {str(config)!r} is neither an existing file nor base64 JSON")
+    return loaded
 
 
 def _zero_stage(ds_config: Mapping[str, Any]) -> int:
@@ -153,8 +174,6 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     dict), parsed here; or neither, which is ``NVFP4Config()`` (the paper's recipe, DeepSpeed's own
     collectives). Everything else in ``config`` goes to DeepSpeed. See the module docstring.
     """
-    import deepspeed
-
     if model is None:
         raise ValueError("ds_fp4.initialize needs model=...")
     if config is None:
@@ -181,10 +200,57 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
     state = comm.CommState(seed=cfg.seed, backend=cfg.recipe.backend)
 
-    if "args" in kwargs and getattr(kwargs["args"], "deepspeed_config", None):
-        kwargs["args"].deepspeed_config = None  # we pass the dict without the nvfp4 section instead
-    engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=ds_config, **kwargs)
+    if getattr(kwargs.get("args"), "deepspeed_config", None):
+        # DeepSpeed refuses a config given twice: pass the dict without the nvfp4 section, and leave the
+        # caller's args as they were.
+        kwargs["args"] = copy.copy(kwargs["args"])
+        kwargs["args"].deepspeed_config = None
+    engine, optimizer, loader, scheduler = deepspeed_patches.original_initialize()(
+        model=model, config=ds_config, **kwargs)
 
     engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers)
     engine.nvfp4.set_comm_active(engine, True)
+    rng.set_rank_fold(data_parallel_rank(engine) if cfg.sr_rank_seeds else 0)
+    carry_comm_state(engine)
     return engine, optimizer, loader, scheduler
+
+
+COMM_STATE_KEY = "nvfp4_comm"
+
+
+def carry_comm_state(engine) -> None:
+    """Make the engine's checkpoints carry the NVFP4 communication's seed counter (CommState.calls).
+
+    ``engine.save_checkpoint`` adds it to the checkpoint's client state (as "nvfp4_comm", unless the caller
+    put it there) and ``engine.load_checkpoint`` restores it, so that a resumed run draws the same rounding
+    noise as the run it continues. HF Trainer, Accelerate and Lightning checkpoint through these two
+    methods and know nothing of it. Torch's generator, which the layers' seeds come from, is theirs to
+    save: each of them does.
+    """
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+    save_signature = inspect.signature(save)
+
+    @functools.wraps(save)
+    def save_checkpoint(*args, **kwargs):
+        bound = save_signature.bind(*args, **kwargs)
+        client_state = dict(bound.arguments.get("client_state") or {})
+        client_state.setdefault(COMM_STATE_KEY, engine.nvfp4.comm.state_dict())
+        bound.arguments["client_state"] = client_state
+        return save(*bound.args, **bound.kwargs)
+
+    @functools.wraps(load)
+    def load_checkpoint(*args, **kwargs):
+        load_path, client_state = load(*args, **kwargs)
+        if load_path is not None and client_state and COMM_STATE_KEY in client_state:
+            engine.nvfp4.comm.load_state_dict(client_state[COMM_STATE_KEY])
+        return load_path, client_state
+
+    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def data_parallel_rank(engine) -> int:
+    """This process's rank in the engine's data-parallel group."""
+    import deepspeed.comm as ds_dist
+
+    group = getattr(engine, "data_parallel_group", None)
+    return ds_dist.get_rank(group=group) if group is not None else ds_dist.get_rank()

@@ -100,6 +100,36 @@ def uniform(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.
     return out[:numel]
 
 
+# The data-parallel rank folded into every drawn seed (set_rank_fold), or 0: no fold.
+_rank_fold = 0
+
+
+def set_rank_fold(rank: int) -> int:
+    """Fold ``rank`` into every seed :func:`draw_seed` returns from now on in this process (0: no fold).
+
+    Ranks that seed torch alike (HF Trainer, most training scripts) would otherwise draw the same
+    stochastic-rounding noise, which then does not average out in the data-parallel reduction. Rank 0's
+    seeds stay as drawn, so a single-process run is unchanged. Returns the previous rank.
+    """
+    global _rank_fold
+    if operator.index(rank) < 0:
+        raise ValueError(f"rank must be >= 0; got {rank!r}")
+    previous, _rank_fold = _rank_fold, operator.index(rank)
+    return previous
+
+
+def fold_rank(seed: int, rank: int) -> int:
+    """``seed`` mixed with ``rank`` (splitmix64 of both) into [0, MAX_SEED]; ``seed`` itself for rank 0."""
+    if rank == 0:
+        return seed
+    z = (seed + rank * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & MAX_SEED
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh 63-bit seed from torch's (seedable, checkpointable) CPU generator."""
-    return int(torch.randint(0, MAX_SEED, (), dtype=torch.int64, generator=generator).item())
+    """A fresh 63-bit seed from torch's (seedable, checkpointable) CPU generator, with this process's
+    data-parallel rank folded in (:func:`set_rank_fold`)."""
+    seed = int(torch.randint(0, MAX_SEED, (), dtype=torch.int64, generator=generator).item())
+    return fold_rank(seed, _rank_fold) if _rank_fold else seed

@@ -105,7 +105,8 @@ class Trainer:
         schedule = wsd_lambda(self.total_steps, t.warmup_steps, t.decay_fraction, t.decay_shape, t.min_lr_ratio)
         buffers = fp32_buffers(model)
         self.engine, _, _, _ = ds_fp4.initialize(
-            model=model, config=ds_config, nvfp4=cfg.nvfp4,
+            # The trainer seeds every rank from (seed, step, rank) itself: no second rank fold.
+            model=model, config=ds_config, nvfp4=replace(cfg.nvfp4, sr_rank_seeds=False),
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )

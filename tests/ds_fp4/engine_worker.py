@@ -196,7 +196,8 @@ def scenario_unbiased() -> dict:
 def scenario_collectives() -> dict:
     """comm.py's collectives by themselves on 3 ranks: what each reduces to, and the bytes it counts.
     Relative errors are against the exact fp32 results; the worker does not judge them."""
-    from ds_fp4 import comm, deepspeed_patches
+    from ds_fp4 import comm
+    from ds_fp4.deepspeed_patches import comm_seams as deepspeed_patches
 
     world, rank = dist.get_world_size(), dist.get_rank()
     gen = torch.Generator().manual_seed(rank)

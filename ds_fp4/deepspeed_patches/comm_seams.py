@@ -1,4 +1,4 @@
-"""Every DeepSpeed internal that ds_fp4 replaces, patched here and nowhere else (docs/design.md §5).
+"""The communication seams: every DeepSpeed collective that NVFP4 communication replaces (docs/design.md §5).
 
 DeepSpeed has no communication-hook API, so NVFP4 communication replaces the functions through which
 each ZeRO stage moves gradients and ZeRO-3 weights:
@@ -30,7 +30,7 @@ from importlib import import_module
 import torch
 import torch.distributed as dist
 
-from . import comm
+from .. import comm
 
 SUPPORTED_DEEPSPEED = ">=0.19,<0.20"
 log = logging.getLogger("ds_fp4")
