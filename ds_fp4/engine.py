@@ -36,6 +36,7 @@ from .config_errors import STRICT_FIELDS, NonNegInt, section_errors
 from .convert import ConversionReport, convert_to_nvfp4
 from .linear import NVFP4Linear
 from .recipe import NVFP4Recipe
+from .selftest import SelfTestResult
 
 COMM_MODES = ("nvfp4", "none")
 
@@ -59,6 +60,9 @@ class NVFP4Config:
     seeds every rank from (seed, step, rank) itself."""
     stats_interval: NonNegInt = 0
     """Every N steps the trainer logs per-layer quantization health (0: never)."""
+    selftest: pydantic.StrictBool = True
+    """Run ds_fp4.selftest once per process on the run's device and backend before converting, and refuse
+    to train if it fails (a kernel computing wrong numbers on this GPU). false: skip it."""
 
     @classmethod
     def own_keys(cls) -> list[str]:
@@ -91,6 +95,9 @@ class NVFP4EngineState:
     report: ConversionReport | None
     comm: comm.CommState
     layers: dict[str, NVFP4Linear]
+    selftest: SelfTestResult | None = None
+    """This process's self-test on the run's device and backend (None: nvfp4.selftest is false, or NVFP4
+    is disabled)."""
 
     def set_comm_active(self, engine, active: bool) -> None:
         """NVFP4 communication as configured (True), or DeepSpeed's own collectives (False), e.g. for a
@@ -195,6 +202,7 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     else:
         cfg = nvfp4
     validate(cfg, ds_config)
+    checked = run_selftest(cfg)
 
     report = convert_to_nvfp4(model, cfg.recipe) if cfg.recipe.enabled else None
     layers = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
@@ -208,7 +216,7 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     engine, optimizer, loader, scheduler = deepspeed_patches.original_initialize()(
         model=model, config=ds_config, **kwargs)
 
-    engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers)
+    engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers, selftest=checked)
     engine.nvfp4.set_comm_active(engine, True)
     rng.set_rank_fold(data_parallel_rank(engine) if cfg.sr_rank_seeds else 0)
     carry_comm_state(engine)
@@ -246,6 +254,24 @@ def carry_comm_state(engine) -> None:
         return load_path, client_state
 
     engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def run_selftest(cfg: NVFP4Config) -> SelfTestResult | None:
+    """ds_fp4.selftest on the accelerator device this process trains on, once per process; RuntimeError
+    with the failed check and the way out when it fails."""
+    if not (cfg.selftest and cfg.recipe.enabled):
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    from .selftest import selftest
+
+    result = selftest(torch.device(get_accelerator().current_device_name()), cfg.recipe.backend, cached=True)
+    if not result.ok:
+        raise RuntimeError(
+            f"{result}\nds_fp4 will not train on numbers that fail its self-test: the NVFP4 kernels compute "
+            f"wrong results on {result.device} with the {result.backend} backend. Try \"backend\": \"torch\" in "
+            "the nvfp4 section (slower, the reference), or set \"selftest\": false there to train anyway.")
+    return result
 
 
 def data_parallel_rank(engine) -> int:

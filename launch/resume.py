@@ -32,7 +32,7 @@ ALLOW_KEY = "trainer.allow_config_change"
 HARMLESS = (
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "trainer.save_interval",
     "trainer.keep_checkpoints", "trainer.progress", "trainer.out_dir", "trainer.max_consecutive_skips",
-    "trainer.peak_tflops", ALLOW_KEY, "nvfp4.stats_interval", "data.eval_sources", "data.cache_dir",
+    "trainer.peak_tflops", ALLOW_KEY, "nvfp4.stats_interval", "nvfp4.selftest", "data.eval_sources", "data.cache_dir",
     "data.max_open_shards", "train_micro_batch_size_per_gpu", "tensorboard", "wandb", "csv_monitor", "comet",
     "steps_per_print", "wall_clock_breakdown", "flops_profiler", "comms_logger",
 )

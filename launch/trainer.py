@@ -162,6 +162,8 @@ class Trainer:
     def _announce(self) -> None:
         report, say = self.engine.nvfp4.report, self.console.say
         say(str(report) if report is not None else "NVFP4 disabled: every layer in high precision")
+        checked = self.engine.nvfp4.selftest
+        say(str(checked) if checked is not None else "ds_fp4 self-test: off (nvfp4.selftest is false)")
         say(f"train: {self.total_steps} steps x {self.cfg.global_batch} x {self.dataset.seq_len} tokens on "
             f"{self.world} ranks ({self.engine.gradient_accumulation_steps()} micro-steps per step), "
             f"from step {self.step}")

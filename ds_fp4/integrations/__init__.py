@@ -45,6 +45,8 @@ def describe(engine) -> str:
              else "as torch's generator draws them")
     comm = (f"NVFP4 communication: gradients {cfg.grad_comm}, ZeRO-3 weight all-gathers {cfg.weight_comm} "
             f"(ZeRO stage {engine.zero_optimization_stage()}, {world} ranks); stochastic-rounding seeds {seeds}")
+    checked = state.selftest
+    lines += [str(checked).splitlines()[0] if checked is not None else "self-test off (nvfp4.selftest is false)"]
     return "\n".join(f"ds_fp4: {line}" for line in [*lines, comm])
 
 
