@@ -4,8 +4,8 @@
 
 It never imports ds_fp4 to train. It trains a tiny Llama for --steps steps, and rank 0 writes
 OUT/result.json: the losses, every parameter's bytes hashed, and the class of every Linear. Where ds_fp4
-set the engine up it also records, as a probe of the seeding, the stochastic-rounding codes each rank
-draws for one fixed tensor right after torch.manual_seed(0) on every rank.
+set the engine up it also records the engine's NVFP4 byte counters and, as a probe of the seeding, the
+stochastic-rounding codes each rank draws for one fixed tensor right after torch.manual_seed(0).
 """
 
 import argparse
@@ -52,7 +52,8 @@ def main() -> None:
         with deepspeed.zero.GatheredParameters([p]):
             digest.update(name.encode() + p.detach().float().numpy().tobytes())
     result["params_sha256"] = digest.hexdigest()
-    if hasattr(engine, "nvfp4"):
+    if hasattr(engine, "nvfp4"):  # set by ds_fp4 when it built the engine
+        result["comm"] = engine.nvfp4.comm_stats(reset=False)
         result["sr_codes"] = sr_probe()
     if rank == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:

@@ -184,6 +184,7 @@ def test_args_deepspeed_config_with_nvfp4_converts_and_ranks_draw_different_roun
     result = plain_run(tmp_path, {**PLAIN, "nvfp4": section}, "torchrun -m ds_fp4.run")
     assert nvfp4_layers(result) == eligible(section) and len(nvfp4_layers(result)) == 14
     assert result["losses"][-1] < result["losses"][0] - 0.2
+    assert 0 < result["comm"]["grad_bytes_sent"] <= 0.30 * result["comm"]["grad_bytes_bf16"]
     codes = result["sr_codes"]
     assert len(codes) == 2 and codes[0] != codes[1], "both ranks drew the same stochastic-rounding bits"
 
