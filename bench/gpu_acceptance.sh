@@ -3,6 +3,7 @@
 #
 #   bash bench/acceptance_wheels.sh        # here, with network: the wheels the GPU machine lacks, into .whl/
 #   (device tool) run command="bash bench/gpu_acceptance.sh" carry=[".whl"] timeout_s=560
+#                 the JSON comes back through $OUT; the stages share a 480 s budget (--budget)
 #   bash bench/gpu_acceptance.sh --dry-run # any machine: every stage at toy size on the CPU
 #
 # The GPU machine's Python has torch, triton, numpy, pyarrow, transformers, ... but no deepspeed, no

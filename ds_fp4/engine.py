@@ -22,7 +22,6 @@ import binascii
 import copy
 import functools
 import inspect
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,17 +120,20 @@ class NVFP4EngineState:
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """A DeepSpeed config as a dict, from what deepspeed.initialize accepts: a mapping (copied), a JSON
-    file path, or the base64 of a JSON object (DeepSpeed's launcher passes configs that way)."""
+    """A DeepSpeed config as a dict, from what deepspeed.initialize accepts: a mapping (deep-copied), a
+    file path, or the base64 of a JSON object. Files and base64 are read with hjson, as DeepSpeed reads
+    them (comments and trailing commas allowed)."""
+    import hjson
+
     if isinstance(config, Mapping):
-        return json.loads(json.dumps(config))  # deep copy, and proof that it is JSON
+        return copy.deepcopy(dict(config))
     if not isinstance(config, (str, os.PathLike)):
         raise TypeError(f"a DeepSpeed config is a dict, a JSON file path or base64 JSON; got {type(config).__name__}")
     if os.path.exists(config):
         with open(config) as f:
-            return json.load(f)
+            return hjson.load(f, object_pairs_hook=dict)
     try:
-        loaded = json.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"))
+        loaded = hjson.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"), object_pairs_hook=dict)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         loaded = None
     if not isinstance(loaded, dict):
@@ -208,13 +210,16 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
     state = comm.CommState(seed=cfg.seed, backend=cfg.recipe.backend)
 
-    if getattr(kwargs.get("args"), "deepspeed_config", None):
-        # DeepSpeed refuses a config given twice: pass the dict without the nvfp4 section, and leave the
-        # caller's args as they were.
-        kwargs["args"] = copy.copy(kwargs["args"])
-        kwargs["args"].deepspeed_config = None
-    engine, optimizer, loader, scheduler = deepspeed_patches.original_initialize()(
-        model=model, config=ds_config, **kwargs)
+    args = kwargs.get("args")
+    given = getattr(args, "deepspeed_config", None)
+    try:
+        if given:  # DeepSpeed refuses a config given twice: it gets the dict without the nvfp4 section
+            args.deepspeed_config = None  # on the caller's args, which DeepSpeed writes local_rank back to
+        engine, optimizer, loader, scheduler = deepspeed_patches.original_initialize()(
+            model=model, config=ds_config, **kwargs)
+    finally:
+        if given:
+            args.deepspeed_config = given
 
     engine.nvfp4 = NVFP4EngineState(config=cfg, report=report, comm=state, layers=layers, selftest=checked)
     engine.nvfp4.set_comm_active(engine, True)
@@ -265,7 +270,11 @@ def run_selftest(cfg: NVFP4Config) -> SelfTestResult | None:
 
     from .selftest import selftest
 
-    result = selftest(torch.device(get_accelerator().current_device_name()), cfg.recipe.backend, cached=True)
+    accelerator = get_accelerator()
+    # This rank's device: DeepSpeed has not set it yet, and the current one may still be device 0.
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = accelerator.device_name(int(local_rank)) if local_rank else accelerator.current_device_name()
+    result = selftest(torch.device(device), cfg.recipe.backend, cached=True)
     if not result.ok:
         raise RuntimeError(
             f"{result}\nds_fp4 will not train on numbers that fail its self-test: the NVFP4 kernels compute "
@@ -275,8 +284,9 @@ def run_selftest(cfg: NVFP4Config) -> SelfTestResult | None:
 
 
 def data_parallel_rank(engine) -> int:
-    """This process's rank in the engine's data-parallel group."""
+    """This process's rank among the ranks whose gradients are reduced together (the data-parallel group,
+    or with sequence parallelism the sequence-data-parallel group)."""
     import deepspeed.comm as ds_dist
 
-    group = getattr(engine, "data_parallel_group", None)
+    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
     return ds_dist.get_rank(group=group) if group is not None else ds_dist.get_rank()

@@ -11,9 +11,13 @@ its directory first on ``sys.path``, and its exit code (SystemExit, or 1 with th
 uncaught exception). DeepSpeed's launcher puts ``--local_rank=N`` before the script's name when it
 starts a module; it is handed on to the script, which would have received it when launched directly.
 
-On a machine without CUDA, under a launcher (WORLD_SIZE > 1), it also starts DeepSpeed's process group
-(gloo) before the script: see :func:`start_cpu_group`. When the script ends, a process group it left up
-is destroyed (:func:`end_process_group`), which spares gloo ranks an abort at exit.
+On a CPU-only machine, under a launcher (WORLD_SIZE > 1), it also starts DeepSpeed's process group
+(gloo) before the script: see :func:`start_cpu_group` (a script that then calls
+``torch.distributed.init_process_group`` without checking ``is_initialized`` first fails there). When the
+script ends, a process group it left up is destroyed (:func:`end_process_group`), which spares gloo
+ranks an abort at exit. DeepSpeed is imported before the script's first line, so it detects the
+accelerator before the script runs: set CUDA_VISIBLE_DEVICES or DS_ACCELERATOR in the environment, not
+inside the script.
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ def start_cpu_group() -> bool:
     DeepSpeed's CPU shared-memory all-reduce op, used only for inference, is not built (ds_fp4's
     deepspeed_patches.disable_cpu_shm_comm: it costs a ~60 s JIT build on a fresh machine).
     """
-    import torch
-
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
         return False
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # CUDA, XPU, HPU, ...: the frameworks start the group
+        return False
 
     from .deepspeed_patches import disable_cpu_shm_comm
 
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "module":
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            sys.path[0] = os.path.dirname(os.path.abspath(target))  # as `python SCRIPT`: its dir, not the cwd
             runpy.run_path(target, run_name="__main__")
         clean = True
     except SystemExit as e:
@@ -108,8 +114,12 @@ def end_process_group(clean: bool) -> None:
     try:
         if clean:
             dist.barrier()
-    finally:
+    except Exception as e:  # a peer gone or timed out: the script's own exit code stands
+        print(f"ds_fp4.run: the end-of-script barrier failed ({type(e).__name__}: {e})", file=sys.stderr)
+    try:
         dist.destroy_process_group()
+    except Exception as e:
+        print(f"ds_fp4.run: destroying the process group failed ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 if __name__ == "__main__":

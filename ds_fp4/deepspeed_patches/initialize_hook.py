@@ -60,7 +60,9 @@ def unpatch_deepspeed() -> bool:
     with _lock:
         if _original is None:
             return False
-        deepspeed.initialize, _original = _original, None
+        if getattr(deepspeed.initialize, "__wrapped__", None) is _original:  # still ours, not a later wrapper's
+            deepspeed.initialize = _original
+        _original = None
     return True
 
 
@@ -78,7 +80,9 @@ def original_initialize():
 def nvfp4_section(arguments: dict[str, Any]) -> tuple[bool, Any]:
     """(found, section) of the config among a deepspeed.initialize call's bound arguments, looked up in
     DeepSpeed's order: config, config_params, args.deepspeed_config. A config that cannot be read here
-    counts as none found: DeepSpeed's own function then reports it as it always does."""
+    counts as none found, with a warning: DeepSpeed's own function then reports it as it always does."""
+    from collections.abc import Mapping
+
     from ..engine import load_config
 
     config = arguments.get("config")
@@ -88,9 +92,13 @@ def nvfp4_section(arguments: dict[str, Any]) -> tuple[bool, Any]:
         config = getattr(arguments.get("args"), "deepspeed_config", None)
     if config is None:
         return False, None
+    if isinstance(config, Mapping):
+        return "nvfp4" in config, config.get("nvfp4")
     try:
         ds_config = load_config(config)
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError) as e:
+        log.warning("ds_fp4: cannot read the DeepSpeed config %r (%s): handing the call to DeepSpeed "
+                    "unchanged, without NVFP4", config, e)
         return False, None
     return "nvfp4" in ds_config, ds_config.get("nvfp4")
 

@@ -73,7 +73,7 @@ class NVFP4TrainerCallback(TrainerCallback):
             return False
         interval = engine.nvfp4.config.stats_interval
         if not interval and str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps":
-            interval = int(args.logging_steps) if args.logging_steps >= 1 else 0
+            interval = int(state.logging_steps or 0)  # the Trainer's absolute figure (args may hold a ratio)
         return bool(interval) and (state.global_step + 1) % interval == 0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -89,13 +89,14 @@ class NVFP4TrainerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         engine = self._engine()
-        if engine is None or logs is None:
-            return
+        if engine is None or logs is None or "loss" not in logs:
+            return  # evaluation logs and the end-of-training summary carry no step's traffic
         extra = {**comm_scalars(engine), **self._health}
         self._health = {}
         logs.update(extra)
-        if state.log_history:  # the Trainer appended its copy of logs before calling the callbacks
-            state.log_history[-1].update(extra)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
+            last.update(extra)  # the Trainer appended its copy of logs before calling the callbacks
 
 
 def attach(trainer, engine) -> NVFP4TrainerCallback:

@@ -110,11 +110,53 @@ def test_an_nvfp4_section_in_any_config_form_goes_to_ds_fp4_initialize(recorded,
     assert call["model"] is model and call["optimizer"] is optimizer and call["config"] is config
 
 
-def test_an_unreadable_config_is_left_to_deepspeed_to_report(recorded):
+def test_an_unreadable_config_is_left_to_deepspeed_to_report_with_a_warning(recorded, caplog):
     import deepspeed
 
     deepspeed.initialize(model=torch.nn.Linear(16, 16), config="/no/such/ds.json")
     assert len(recorded["deepspeed"]) == 1 and not recorded["ds_fp4"]
+    assert "cannot read the DeepSpeed config '/no/such/ds.json'" in caplog.text
+
+
+def test_configs_deepspeed_accepts_but_json_does_not_still_find_the_section(recorded, tmp_path):
+    """DeepSpeed reads files with hjson (comments, trailing commas) and takes dicts with any values."""
+    import deepspeed
+
+    path = tmp_path / "ds.hjson"
+    path.write_text('{\n  // a comment\n  "train_micro_batch_size_per_gpu": 1,\n'
+                    '  "nvfp4": {"grad_comm": "nvfp4"},\n}\n')
+    deepspeed.initialize(model=torch.nn.Linear(16, 16), config=str(path))
+    deepspeed.initialize(model=torch.nn.Linear(16, 16), config={"nvfp4": {}, "checkpoint_dir": tmp_path})
+    assert len(recorded["ds_fp4"]) == 2 and not recorded["deepspeed"]
+    assert ds_engine.load_config(str(path))["nvfp4"] == {"grad_comm": "nvfp4"}
+
+
+def test_args_deepspeed_config_is_restored_and_deepspeed_writes_local_rank_to_the_callers_args(monkeypatch, tmp_path):
+    """DeepSpeed sets args.local_rank on the args it is given; with a config in args.deepspeed_config,
+    ds_fp4 hands DeepSpeed the caller's own args (the config cleared for the call, then put back)."""
+    seen = {}
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag=None, client_state=None):
+            return True
+
+        def load_checkpoint(self, load_dir, tag=None):
+            return None, None
+
+    def fake_deepspeed(args=None, model=None, config=None, **kwargs):
+        seen["deepspeed_config"] = args.deepspeed_config
+        seen["config"] = config
+        args.local_rank = 5
+        return Engine(), None, None, None
+
+    monkeypatch.setattr(ds_fp4.deepspeed_patches, "original_initialize", lambda: fake_deepspeed)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
+                                "nvfp4": {"selftest": False, "sr_rank_seeds": False}}))
+    args = argparse.Namespace(deepspeed_config=str(path), local_rank=-1)
+    ds_fp4.initialize(model=torch.nn.Sequential(torch.nn.Linear(32, 32)), args=args)
+    assert seen["deepspeed_config"] is None and "nvfp4" not in seen["config"]
+    assert args.deepspeed_config == str(path) and args.local_rank == 5
 
 
 def test_load_config_reads_dicts_paths_and_base64_and_names_what_it_cannot_read(tmp_path):
@@ -155,10 +197,13 @@ def test_run_keeps_runpy_semantics_name_argv_path_and_exit_code(tmp_path):
     (tmp_path / "user_pkg" / "__init__.py").write_text("")
     (tmp_path / "user_pkg" / "main.py").write_text(script.read_text())
     run = [sys.executable, "-m", "ds_fp4.run"]
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
+    # From another directory and without PYTHONPATH: only the script's own directory makes `helper` importable.
     proc = subprocess.run([*run, str(script), "--flag", "3"], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)
+                          cwd=elsewhere)
     assert proc.returncode == 3, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"name": "__main__", "argv": [str(script), "--flag", "3"], "hooked": True}

@@ -14,8 +14,8 @@ from ds_fp4 import kernels, reference
 from ds_fp4 import selftest as selftest_module
 from ds_fp4.selftest import selftest
 
-TRITON = pytest.mark.skipif(not kernels.available(torch.device("cpu"))[0],
-                            reason=f"Triton kernels cannot run on CPU here: {kernels.available(torch.device('cpu'))[1]}")
+_CPU_KERNELS = kernels.available(torch.device("cpu"))
+TRITON = pytest.mark.skipif(not _CPU_KERNELS[0], reason=f"Triton kernels cannot run on CPU here: {_CPU_KERNELS[1]}")
 
 
 def _zeroing_stochastic(quantize):
@@ -87,6 +87,13 @@ def test_initialize_refuses_to_train_when_the_selftest_fails_and_says_how_to_ove
     assert "self-test FAILED on cpu" in message and "mostly zero codes" in message
     assert '"selftest": false' in message
     assert isinstance(model[0], torch.nn.Linear) and not isinstance(model[0], ds_fp4.NVFP4Linear)  # untouched
+
+
+def test_selftest_leaves_torchs_random_state_as_it_was():
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    assert selftest("cpu", "torch").ok
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_the_result_is_cached_per_process_for_initialize():
