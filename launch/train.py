@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,13 +29,20 @@ from launch import distributed  # noqa: E402
 from launch.config import ConfigError, parse_run_config  # noqa: E402
 from launch.runtime import install_signal_handlers  # noqa: E402
 
+CONFIG_ERROR_GRACE_S = 5.0  # how long ranks other than 0 wait before exiting on a config error
 EXIT_CONFIG = 78  # sysexits.h's EX_CONFIG, next to the 75 (EX_TEMPFAIL) and 65 (EX_DATAERR) of the trainer
 
 
 def config_error(error: ValueError, source: str, rank: int) -> int:
-    """Report a config error that every rank found: rank 0 prints it, every rank returns EXIT_CONFIG."""
+    """Report a config error that every rank found: rank 0 prints it, every rank returns EXIT_CONFIG.
+
+    The other ranks wait a moment first: a launcher that stops every rank when one exits (DeepSpeed's
+    does) otherwise killed rank 0 before its message was out when rank 1 got there first (seen in CI).
+    """
     if rank == 0:
         print(f"config error in {source}: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(CONFIG_ERROR_GRACE_S)
     return EXIT_CONFIG
 
 
