@@ -94,6 +94,59 @@ def _gathered(weight: torch.Tensor):
         weight.partition()
 
 
+def fprop(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: NVFP4Recipe,
+          need_dgrad: bool, need_wgrad: bool, keep_wt: bool, stats_sink: StatsSink | None = None):
+    """Y = X W^T (+ b) in fp32 for a 2D input, and the backward operands: X^T quantized for wgrad (with
+    the RHT) when ``need_wgrad``, W^T quantized for dgrad when ``need_dgrad and keep_wt``."""
+    wq, wq_t = quantize_weight_operands(weight, recipe, need_transpose=need_dgrad and keep_wt)
+    xq = nvfp4.quantize(x2, tile=recipe.input.tile, rounding=recipe.input.rounding, backend=recipe.backend)
+    if stats_sink is not None:
+        stats_sink.record("input", x2, xq)
+        stats_sink.record("weight", weight, wq)
+    y = nvfp4.matmul(xq, wq, out_dtype=torch.float32, backend=recipe.backend)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    xq_t = None
+    if need_wgrad:
+        policy = recipe.input
+        xq_t = nvfp4.quantize(
+            _pad_rows(x2).t(),
+            tile=policy.tile,
+            rounding=policy.rounding,
+            hadamard=recipe.hadamard_signs if policy.hadamard else False,
+            backend=recipe.backend,
+        )
+    return y, xq_t, wq_t
+
+
+def dgrad(dy2: torch.Tensor, wq_t: nvfp4.NVFP4Tensor, recipe: NVFP4Recipe, out_dtype: torch.dtype,
+          stats_sink: StatsSink | None = None) -> torch.Tensor:
+    """dX = dY W for a 2D dY, with dY quantized by the grad policy (stochastic rounding)."""
+    grad = recipe.grad
+    dyq = nvfp4.quantize(dy2, tile=grad.tile, rounding=grad.rounding, seed=rng.draw_seed(), backend=recipe.backend)
+    if stats_sink is not None:
+        stats_sink.record("grad", dy2, dyq)
+    return nvfp4.matmul(dyq, wq_t, out_dtype=out_dtype, backend=recipe.backend)
+
+
+def wgrad(dy2: torch.Tensor, xq_t: nvfp4.NVFP4Tensor, recipe: NVFP4Recipe, out_dtype: torch.dtype,
+          stats_sink: StatsSink | None = None) -> torch.Tensor:
+    """dW = dY^T X, both operands quantized along the token dim (dY^T by the grad policy, with the RHT)."""
+    grad = recipe.grad
+    dy2_t = _pad_rows(dy2).t()
+    dyq_t = nvfp4.quantize(
+        dy2_t,
+        tile=grad.tile,
+        rounding=grad.rounding,
+        hadamard=recipe.hadamard_signs if grad.hadamard else False,
+        seed=rng.draw_seed(),
+        backend=recipe.backend,
+    )
+    if stats_sink is not None:  # dgrad's dY, when there is one, stays the recorded figure
+        stats_sink.record("grad", dy2_t, dyq_t, replace=False)
+    return nvfp4.matmul(dyq_t, xq_t, out_dtype=out_dtype, backend=recipe.backend)
+
+
 class NVFP4LinearFunction(torch.autograd.Function):
     """y = x W^T + b with NVFP4 fprop, dgrad and wgrad.
 
@@ -110,26 +163,8 @@ class NVFP4LinearFunction(torch.autograd.Function):
         need_dgrad = grad_enabled and ctx.needs_input_grad[0]
         need_wgrad = grad_enabled and ctx.needs_input_grad[1]
         zero3 = hasattr(weight, "ds_id")
-        wq, wq_t = quantize_weight_operands(weight, recipe, need_transpose=need_dgrad and not zero3)
-        xq = nvfp4.quantize(x2, tile=recipe.input.tile, rounding=recipe.input.rounding, backend=recipe.backend)
-        if stats_sink is not None:
-            stats_sink.record("input", x2, xq)
-            stats_sink.record("weight", weight, wq)
-        y = nvfp4.matmul(xq, wq, out_dtype=torch.float32, backend=recipe.backend)
-        if bias is not None:
-            y = y + bias.to(torch.float32)
+        y, xq_t, wq_t = fprop(x2, weight, bias, recipe, need_dgrad, need_wgrad, not zero3, stats_sink)
         y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-        xq_t = None
-        if need_wgrad:
-            policy = recipe.input
-            xq_t = nvfp4.quantize(
-                _pad_rows(x2).t(),
-                tile=policy.tile,
-                rounding=policy.rounding,
-                hadamard=recipe.hadamard_signs if policy.hadamard else False,
-                backend=recipe.backend,
-            )
         x_parts, ctx.x_meta = _pack(xq_t)
         w_parts, ctx.w_meta = _pack(wq_t)
         ctx.n_x = len(x_parts)
@@ -147,36 +182,15 @@ class NVFP4LinearFunction(torch.autograd.Function):
         xq_t = _unpack(list(saved[: ctx.n_x]), ctx.x_meta)
         wq_t = _unpack(list(saved[ctx.n_x : -1]), ctx.w_meta)
         weight = saved[-1]
-        out_features = dy.shape[-1]
-        dy2 = dy.reshape(-1, out_features)
-        grad = recipe.grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
-
         if ctx.needs_input_grad[0]:
             if wq_t is None:  # ZeRO-3: re-gather and re-quantize; nothing gathered was saved
                 with _gathered(weight) as w:
                     _, wq_t = quantize_weight_operands(w, recipe, need_transpose=True)
-            dyq = nvfp4.quantize(
-                dy2, tile=grad.tile, rounding=grad.rounding, seed=rng.draw_seed(), backend=recipe.backend
-            )
-            dx = nvfp4.matmul(dyq, wq_t, out_dtype=ctx.x_dtype, backend=recipe.backend).reshape(ctx.x_shape)
-            if ctx.stats_sink is not None:
-                ctx.stats_sink.record("grad", dy2, dyq)
-
+            dx = dgrad(dy2, wq_t, recipe, ctx.x_dtype, ctx.stats_sink).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dy2_t = _pad_rows(dy2).t()
-            dyq_t = nvfp4.quantize(
-                dy2_t,
-                tile=grad.tile,
-                rounding=grad.rounding,
-                hadamard=recipe.hadamard_signs if grad.hadamard else False,
-                seed=rng.draw_seed(),
-                backend=recipe.backend,
-            )
-            dw = nvfp4.matmul(dyq_t, xq_t, out_dtype=ctx.weight_dtype, backend=recipe.backend)
-            if ctx.stats_sink is not None:  # dgrad's dY, when there is one, stays the recorded figure
-                ctx.stats_sink.record("grad", dy2_t, dyq_t, replace=False)
-
+            dw = wgrad(dy2, xq_t, recipe, ctx.weight_dtype, ctx.stats_sink)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.to(torch.float32).sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
