@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from . import nvfp4_math as nm
-from ._launch import INTERPRET, OUT_DTYPES, launch_options
+from ._launch import OUT_DTYPES, autotune, launch_options
 
 
-def _configs():
-    if INTERPRET:
+def _configs(interpret: bool):
+    if interpret:
         return [triton.Config({"BR": 32, "BK": 128}, num_warps=4)]
     return [
         triton.Config({"BR": 32, "BK": 256}, num_warps=4),
@@ -39,7 +39,7 @@ def _e2m1_to_f32(c):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=_configs(), key=["R", "K", "GLOBAL"])
+@autotune("decode", _configs, key=["R", "K", "GLOBAL"])
 @triton.jit
 def _dequantize_kernel(data_ptr, scale_ptr, amax_ptr, out_ptr, R, K, stride_dr, stride_sr, stride_or,
                        GLOBAL: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):

@@ -37,13 +37,13 @@ import triton
 import triton.language as tl
 
 from . import nvfp4_math as nm
-from ._launch import INTERPRET, OUT_DTYPES, has_fp8_convert, is_native_fp4, launch_options
+from ._launch import INTERPRET, OUT_DTYPES, autotune, has_fp8_convert, is_native_fp4, launch_options
 from .decode import dequantize
 from .gemm_epilogue import gemm_epilogue
 
 
-def _emulated_configs():
-    if INTERPRET:
+def _emulated_configs(interpret: bool):
+    if interpret:
         return [triton.Config({"BM": 32, "BN": 32, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfg = []
     for bm, bn, bk, warps, stages in [
@@ -54,7 +54,7 @@ def _emulated_configs():
     return cfg
 
 
-def _native_configs():
+def _native_configs(interpret: bool):
     cfg = []
     for bm, bn, bk, warps, stages in [
         (128, 256, 256, 8, 3), (128, 128, 256, 4, 4), (128, 128, 128, 4, 4), (128, 64, 256, 4, 4),
@@ -146,8 +146,8 @@ def _nvfp4_gemm_kernel(a_ptr, as_ptr, a_amax_ptr, b_ptr, bs_ptr, b_amax_ptr, c_p
 
 
 _KEY = ["M", "N", "K"]
-_gemm_emulated = triton.autotune(configs=_emulated_configs(), key=_KEY)(_nvfp4_gemm_kernel)
-_gemm_native = triton.autotune(configs=_native_configs(), key=_KEY)(_nvfp4_gemm_kernel)
+_gemm_emulated = autotune("gemm_emulated", _emulated_configs, _KEY)(_nvfp4_gemm_kernel)
+_gemm_native = autotune("gemm_native", _native_configs, _KEY)(_nvfp4_gemm_kernel)
 
 
 def _check_operand(name, data, scale, amax):

@@ -13,16 +13,16 @@ import triton
 import triton.language as tl
 
 from . import nvfp4_math as nm
-from ._launch import INTERPRET, OUT_DTYPES, launch_options
+from ._launch import OUT_DTYPES, autotune, launch_options
 
 
-def _configs():
-    if INTERPRET:
+def _configs(interpret: bool):
+    if interpret:
         return [triton.Config({"BLOCK": 4096}, num_warps=4)]
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((4096, 4), (8192, 8), (2048, 4))]
 
 
-@triton.autotune(configs=_configs(), key=["n"])
+@autotune("gemm_epilogue", _configs, key=["n"])
 @triton.jit
 def _gemm_epilogue_kernel(acc_ptr, a_amax_ptr, b_amax_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

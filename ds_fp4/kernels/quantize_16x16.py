@@ -19,12 +19,12 @@ import triton.language as tl
 
 from . import blocks as bl
 from . import nvfp4_math as nm
-from ._launch import INTERPRET, check_2d_input, launch_options
+from ._launch import autotune, check_2d_input, launch_options
 from .amax import tensor_amax_bits
 
 
-def _configs():
-    if INTERPRET:
+def _configs(interpret: bool):
+    if interpret:
         return [triton.Config({"BM": 32, "BK": 128}, num_warps=4)]
     return [
         triton.Config({"BM": 32, "BK": 128}, num_warps=4),
@@ -35,7 +35,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "K", "HADAMARD", "STOCHASTIC", "WRITE_T", "SCALE_UP"])
+@autotune("quantize_16x16", _configs, key=["M", "K", "HADAMARD", "STOCHASTIC", "WRITE_T", "SCALE_UP"])
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_16x16_kernel(x_ptr, data_ptr, scale_ptr, data_t_ptr, scale_t_ptr, amax_bits_ptr, seed,
                            M, K, stride_xm, stride_xk,

@@ -16,27 +16,7 @@ import os
 import re
 import sys
 
-
-def _compile(jit_fn, args: dict, target, divisible=()):
-    """args: name -> type string ('*u8', 'i32', ...) or a constexpr value (anything else)."""
-    from triton.compiler.compiler import ASTSource, compile
-
-    names = jit_fn.arg_names
-    missing = set(names) ^ set(args)
-    if missing:
-        raise ValueError(f"{jit_fn.__name__}: arguments do not match the kernel: {sorted(missing)}")
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        value = args[name]
-        if isinstance(value, str) and (value.startswith("*") or value[0] in "iuf"):
-            signature[name] = value
-            if name in divisible or value.startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-    src = ASTSource(jit_fn, signature, constexprs=constexprs, attrs=attrs)
-    return compile(src, target=target, options={"enable_fp_fusion": False})
+from ds_fp4.kernels.aot import compile_kernel, gemm_args, quantize_args
 
 
 def _summary(kernel) -> dict:
@@ -53,33 +33,6 @@ def _summary(kernel) -> dict:
     }
 
 
-def _quantize_args(kernel_name: str, dtype: str, strided: bool, **flags):
-    common = {
-        "x_ptr": f"*{dtype}", "amax_bits_ptr": "*i32", "M": "i32", "K": "i32",
-        "stride_xm": 1 if strided else "i32", "stride_xk": "i32" if strided else 1,
-    }
-    if kernel_name == "amax":
-        return {**common, "HADAMARD": flags["HADAMARD"], "SIGNS": 0x0E8B, "ROW_CONTIG": not strided,
-                "BM": 32, "G": 16}
-    out = {**common, "data_ptr": "*u8", "scale_ptr": "*u8", "seed": "i64", "HADAMARD": flags["HADAMARD"],
-           "SIGNS": 0x0E8B, "STOCHASTIC": flags["STOCHASTIC"]}
-    if kernel_name == "1x16":
-        return {**out, "data_ptr": "*i32", "ROW_CONTIG": not strided, "SCALE_UP": flags.get("SCALE_UP", False),
-                "BM": 32, "G": 16}
-    return {**out, "data_t_ptr": "*u8", "scale_t_ptr": "*u8", "WRITE_T": flags["WRITE_T"],
-            "SCALE_UP": flags.get("SCALE_UP", False), "BM": 32, "BK": 128}
-
-
-def _gemm_args(native: bool, fp8: bool, bm=128, bn=128, bk=128):
-    return {
-        "a_ptr": "*u8", "as_ptr": "*u8", "a_amax_ptr": "*fp32", "b_ptr": "*u8", "bs_ptr": "*u8",
-        "b_amax_ptr": "*fp32", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-        "stride_am": "i32", "stride_asm": "i32", "stride_bn": "i32", "stride_bsn": "i32",
-        "stride_cm": "i32", "stride_cn": 1,
-        "NATIVE": native, "FP8_CVT": fp8, "BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8,
-    }
-
-
 def variants():
     """(name, arch, jit function, args, divisible) for every variant the tests compile."""
     from ds_fp4.kernels import amax, decode, gemm, gemm_epilogue, quantize_1x16, quantize_16x16
@@ -89,23 +42,23 @@ def variants():
            "stride_xm", "stride_xk")
     q1x16 = quantize_1x16._quantize_1x16_kernel.fn
     out = [
-        ("gemm_native_sm100", 100, gemm_fn, _gemm_args(True, True, 128, 128, 256), div),
-        ("gemm_emulated_sm90", 90, gemm_fn, _gemm_args(False, True), div),
-        ("gemm_emulated_nofp8_sm80", 80, gemm_fn, _gemm_args(False, False), div),
+        ("gemm_native_sm100", 100, gemm_fn, gemm_args(True, True, 128, 128, 256), div),
+        ("gemm_emulated_sm90", 90, gemm_fn, gemm_args(False, True), div),
+        ("gemm_emulated_nofp8_sm80", 80, gemm_fn, gemm_args(False, False), div),
         ("amax_rht_bf16_strided_sm90", 90, amax._amax_kernel.fn,
-         _quantize_args("amax", "bf16", True, HADAMARD=True), div),
+         quantize_args("amax", "bf16", True, HADAMARD=True), div),
         ("amax_bf16_contig_sm90", 90, amax._amax_kernel.fn,
-         _quantize_args("amax", "bf16", False, HADAMARD=False), div),
+         quantize_args("amax", "bf16", False, HADAMARD=False), div),
         ("quantize_1x16_rht_sr_bf16_contig_sm90", 90, q1x16,
-         _quantize_args("1x16", "bf16", False, HADAMARD=True, STOCHASTIC=True), div),
+         quantize_args("quantize_1x16", "bf16", False, HADAMARD=True, STOCHASTIC=True), div),
         ("quantize_1x16_bf16_contig_sm90", 90, q1x16,
-         _quantize_args("1x16", "bf16", False, HADAMARD=False, STOCHASTIC=False), div),
+         quantize_args("quantize_1x16", "bf16", False, HADAMARD=False, STOCHASTIC=False), div),
         ("quantize_1x16_rht_sr_bf16_strided_sm90", 90, q1x16,
-         _quantize_args("1x16", "bf16", True, HADAMARD=True, STOCHASTIC=True), div),
+         quantize_args("quantize_1x16", "bf16", True, HADAMARD=True, STOCHASTIC=True), div),
         ("quantize_1x16_sr_scale_up_fp32_contig_sm90", 90, q1x16,  # the NVFP4 communication variant
-         _quantize_args("1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, SCALE_UP=True), div),
+         quantize_args("quantize_1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, SCALE_UP=True), div),
         ("quantize_1x16_fp32_contig_sm80", 80, q1x16,
-         _quantize_args("1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True), div),
+         quantize_args("quantize_1x16", "fp32", False, HADAMARD=False, STOCHASTIC=True), div),
         ("decode_fp16_sm90", 90, decode._dequantize_kernel.fn,
          {"data_ptr": "*u8", "scale_ptr": "*u8", "amax_ptr": "*fp32", "out_ptr": "*fp16", "R": "i32", "K": "i32",
           "stride_dr": "i32", "stride_sr": "i32", "stride_or": "i32", "GLOBAL": False, "BR": 32, "BK": 256},
@@ -115,11 +68,11 @@ def variants():
           "BLOCK": 4096}, ("n",)),
     ]
     out.append(("quantize_weight_fp32_sm90", 90, quantize_16x16._quantize_16x16_kernel.fn,
-                _quantize_args("16x16", "fp32", False, HADAMARD=False, STOCHASTIC=False, WRITE_T=True), div))
+                quantize_args("quantize_16x16", "fp32", False, HADAMARD=False, STOCHASTIC=False, WRITE_T=True), div))
     out.append(("quantize_16x16_rht_sr_bf16_sm80", 80, quantize_16x16._quantize_16x16_kernel.fn,
-                _quantize_args("16x16", "bf16", False, HADAMARD=True, STOCHASTIC=True, WRITE_T=False), div))
+                quantize_args("quantize_16x16", "bf16", False, HADAMARD=True, STOCHASTIC=True, WRITE_T=False), div))
     out.append(("quantize_16x16_sr_scale_up_fp32_sm90", 90, quantize_16x16._quantize_16x16_kernel.fn,
-                _quantize_args("16x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, WRITE_T=False,
+                quantize_args("quantize_16x16", "fp32", False, HADAMARD=False, STOCHASTIC=True, WRITE_T=False,
                                SCALE_UP=True), div))
     return out
 
@@ -128,15 +81,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=0: interpreter functions cannot be compiled")
-    from triton.backends.compiler import GPUTarget
-
     only = set(argv[1:])
     results = {}
     for name, arch, fn, args, div in variants():
         if only and name not in only:
             continue
         try:
-            kernel = _compile(fn, args, GPUTarget("cuda", arch, 32), div)
+            kernel, _report = compile_kernel(fn, args, arch, divisible=div)
             results[name] = {"ok": True, **_summary(kernel)}
             dump = os.environ.get("DS_FP4_DUMP_ASM")
             if dump:
