@@ -103,6 +103,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every stage at toy size on the CPU")
     parser.add_argument("--budget", type=float, default=480, help="seconds for all stages together (default 480)")
+    parser.add_argument("--out", type=Path, help="the JSON (default bench/results/gpu_acceptance_<device>_<date>.json)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help=f"training runs go here (default {RUNS})")
     args = parser.parse_args()
     DEADLINE[0] = time.monotonic() + args.budget
     import torch
@@ -113,7 +115,8 @@ def main() -> int:
     interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
     now = dt.datetime.now(dt.timezone.utc)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = ROOT / "bench" / "results" / f"gpu_acceptance_{slug}{'_dryrun' if not gpu else ''}_{now:%Y-%m-%d}.json"
+    name = f"gpu_acceptance_{slug}{'_dryrun' if not gpu else ''}_{now:%Y-%m-%d}.json"
+    out = args.out or ROOT / "bench" / "results" / name
     meta = {"device": device, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": sys.version.split()[0], "dry_run": not gpu, "budget_s": args.budget}
     try:
@@ -160,7 +163,7 @@ def main() -> int:
 
     launcher = [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "launch/train.py"]
     for precision in ("nvfp4", "bf16"):
-        out_dir = RUNS / precision
+        out_dir = args.runs / precision
         cmd = [*launcher, *(TRAIN_GPU if gpu else TRAIN_DRY), "--set", f"trainer.out_dir={json.dumps(str(out_dir))}"]
         if precision == "bf16":
             cmd += ["--set", "nvfp4.enabled=false", "--set", "nvfp4.grad_comm=\"none\""]
@@ -182,7 +185,7 @@ def main() -> int:
     stages["lightning_fit"] = s
     save()
     failed = [name for name, st in stages.items() if st["rc"] != 0]
-    print(f"[gpu_acceptance] wrote {out.relative_to(ROOT)}; failed stages: {failed or 'none'}", flush=True)
+    print(f"[gpu_acceptance] wrote {out}; failed stages: {failed or 'none'}", flush=True)
     return 1 if failed else 0
 
 
