@@ -24,6 +24,7 @@ exactly like the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -119,9 +120,49 @@ class ModelConfig:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
         torch.manual_seed(self.init_seed)
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
-            with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)):
-                return AutoModelForCausalLM.from_config(hf_config)
+            with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)), _hf_init_deferred():
+                model = AutoModelForCausalLM.from_config(hf_config)
+            _init_partitioned(model)
+            return model
         return AutoModelForCausalLM.from_config(hf_config)
+
+
+@contextlib.contextmanager
+def _hf_init_deferred():
+    """Hugging Face's model-level weight init switched off (the modules' own __init__ still runs)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: None
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original
+
+
+def _init_partitioned(model) -> None:
+    """Run the model's own weight init on a model built under zero.Init, one module at a time.
+
+    zero.Init partitions a module's parameters as soon as its __init__ returns, so the init Hugging Face
+    runs afterwards would write into empty placeholders (deferred: _hf_init_deferred). A parameter its
+    module leaves as torch.empty (the 3-D weights of fused MoE experts, Mamba's A_log and dt_bias) would
+    keep whatever memory held: NaN losses from the first step. Each module's parameters are gathered,
+    initialised as without ZeRO-3 (every rank draws the same values from the same seed) and partitioned
+    again; only one module is whole at a time.
+    """
+    import deepspeed
+    import torch
+
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                init(module)
 
 
 @validated
