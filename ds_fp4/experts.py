@@ -49,8 +49,9 @@ class ExpertsState:
 def is_fused_experts(mod: nn.Module) -> bool:
     """A transformers experts module routed through the experts-implementation registry."""
     forward = getattr(type(mod), "forward", None)
+    down = getattr(mod, "down_proj", None)
     return (hasattr(forward, "__wrapped__") and hasattr(mod, "has_gate") and hasattr(mod, "is_transposed")
-            and isinstance(getattr(mod, "down_proj", None), nn.Parameter) and mod.down_proj.dim() == 3
+            and isinstance(down, nn.Parameter) and len(getattr(down, "ds_shape", None) or down.shape) == 3
             and hasattr(getattr(mod, "config", None), "_experts_implementation"))
 
 
