@@ -230,3 +230,42 @@ def test_a_converted_moe_model_trains_a_step_with_finite_gradients_for_every_use
         grads = [w.grad for _, w, _ in experts.projections(mod)]
         assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), name
     assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"  # no model code forked
+
+
+# Published config values (no download): Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-V3, gpt-oss-120b and the
+# 56-layer Nemotron-H of Nemotron-Nano-9B-v2. The parameter counts check the transcription.
+PUBLISHED = {
+    "qwen3_moe": (30.5e9, {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                           "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                           "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "vocab_size": 151936}),
+    "mixtral": (46.7e9, {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                         "num_experts_per_tok": 2, "vocab_size": 32000}),
+    "deepseek_v3": (671e9, {"hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+                            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+                            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                            "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4, "q_lora_rank": 1536,
+                            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                            "v_head_dim": 128, "vocab_size": 129280}),
+    "gpt_oss": (116.8e9, {"hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36,
+                          "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                          "num_local_experts": 128, "num_experts_per_tok": 4, "vocab_size": 201088,
+                          "sliding_window": 128}),
+    "nemotron_h": (8.89e9, {"num_hidden_layers": 56, "hidden_size": 4480, "intermediate_size": 15680,
+                            "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                            "vocab_size": 131072, "ssm_state_size": 128, "conv_kernel": 4, "n_groups": 8,
+                            "mamba_num_heads": 128, "mamba_head_dim": 80,
+                            "hybrid_override_pattern": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"}),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_at_the_published_size_nvfp4_runs_at_least_80_percent_of_weight_flops_per_token(name):
+    """Built on the meta device; the paper recipe without kept blocks (the kept blocks aside)."""
+    params, values = PUBLISHED[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **values))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)
+    report = convert_to_nvfp4(model, NVFP4Recipe.paper(keep_first_blocks=0, keep_last_blocks=0))
+    assert report.flops_fraction >= 0.80, str(report).splitlines()[0]
+    assert [d.name for d in report.layers if not d.converted] == ["lm_head"]
