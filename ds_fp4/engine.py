@@ -174,6 +174,27 @@ def validate(cfg: NVFP4Config, ds_config: Mapping[str, Any]) -> None:
         )
 
 
+def validate_model(cfg: NVFP4Config, model: torch.nn.Module) -> None:
+    """Refuse what NVFP4 gradient communication would leave uncovered: expert-parallel parameters.
+
+    DeepSpeed's own MoE (deepspeed.moe.layer.MoE) and AutoEP mark expert parameters ``allreduce=False``
+    and reduce their gradients over expert-data-parallel groups, a path the NVFP4 patches do not replace;
+    training on would send them in BF16 while the run reports NVFP4 communication.
+    """
+    if cfg.grad_comm != "nvfp4":
+        return
+    experts = [name for name, p in model.named_parameters() if getattr(p, "allreduce", True) is False]
+    if experts:
+        raise ValueError(
+            f"nvfp4.grad_comm=\"nvfp4\" does not cover expert-parallel parameters: {len(experts)} parameters are "
+            f"DeepSpeed MoE / AutoEP experts (allreduce=False, e.g. {experts[0]!r}), whose gradients reduce over "
+            "expert-data-parallel groups that ds_fp4 does not compress. Use a transformers MoE model with fused "
+            "experts (Qwen3-MoE, Mixtral, DeepSeek-V3, gpt-oss, Nemotron-H: ds_fp4 runs their experts and their "
+            "gradients in NVFP4, docs/moe.md), or set nvfp4.grad_comm to \"none\" (the experts' nn.Linear "
+            "layers still compute in NVFP4)"
+        )
+
+
 def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: NVFP4Config | None = None,
                **kwargs):
     """Drop-in for ``deepspeed.initialize``: the same arguments and the same 4-tuple, plus ``nvfp4``.
@@ -204,6 +225,7 @@ def initialize(model: torch.nn.Module | None = None, config: Any = None, nvfp4: 
     else:
         cfg = nvfp4
     validate(cfg, ds_config)
+    validate_model(cfg, model)
     checked = run_selftest(cfg)
 
     report = convert_to_nvfp4(model, cfg.recipe) if cfg.recipe.enabled else None

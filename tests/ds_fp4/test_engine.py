@@ -184,6 +184,19 @@ def test_bad_configs_fail_before_deepspeed_starts(config, match):
         ds_fp4.initialize(model=torch.nn.Linear(16, 16), config=config)
 
 
+def test_deepspeed_moe_experts_are_refused_with_nvfp4_gradients_and_the_alternative_named():
+    """DeepSpeed's own MoE layer (expert-parallel, allreduce=False parameters): NVFP4 gradient communication
+    would not reach its experts, so initialize refuses before DeepSpeed starts; without it, it is not refused."""
+    from deepspeed.moe.layer import MoE
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), MoE(hidden_size=32, expert=torch.nn.Linear(32, 32),
+                                                             num_experts=4, ep_size=1, k=1))
+    refused = r"expert-parallel parameters: 8 parameters .*Qwen3-MoE.*grad_comm to \"none\""
+    with pytest.raises(ValueError, match=refused):
+        ds_fp4.initialize(model=model, config=_cfg(grad_comm="nvfp4"))
+    ds_fp4.engine.validate_model(NVFP4Config.from_dict({"grad_comm": "none"}), model)
+
+
 def test_config_section_round_trip_and_path(tmp_path):
     section = {"preset": "no_sr", "grad_comm": "nvfp4", "seed": 3, "keep_first_blocks": 2, "stats_interval": 10}
     cfg = NVFP4Config.from_dict(section)
