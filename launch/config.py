@@ -129,40 +129,50 @@ class ModelConfig:
 
 @contextlib.contextmanager
 def _hf_init_deferred():
-    """Hugging Face's model-level weight init switched off (the modules' own __init__ still runs)."""
+    """Hugging Face's weight init switched off (the modules' own __init__ and the weight tying still run)."""
     from transformers import PreTrainedModel
 
-    original = PreTrainedModel.init_weights
-    PreTrainedModel.init_weights = lambda self: None
+    original = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = lambda self: None
     try:
         yield
     finally:
-        PreTrainedModel.init_weights = original
+        PreTrainedModel.initialize_weights = original
 
 
 def _init_partitioned(model) -> None:
-    """Run the model's own weight init on a model built under zero.Init, one module at a time.
+    """Run the model's own weight init on a model built under zero.Init, module by module.
 
     zero.Init partitions a module's parameters as soon as its __init__ returns, so the init Hugging Face
     runs afterwards would write into empty placeholders (deferred: _hf_init_deferred). A parameter its
     module leaves as torch.empty (the 3-D weights of fused MoE experts, Mamba's A_log and dt_bias) would
-    keep whatever memory held: NaN losses from the first step. Each module's parameters are gathered,
-    initialised as without ZeRO-3 (every rank draws the same values from the same seed) and partitioned
-    again; only one module is whole at a time.
+    keep whatever memory held: NaN losses from the first step.
+
+    As Hugging Face does, children are initialised before their parents (a parent's init may rescale a
+    child's weight, as Mamba's does for out_proj), each by the init of the nearest PreTrainedModel that
+    owns it. A module's parameters are gathered with those of its subtree, unless the subtree holds a
+    ModuleList (the blocks): then only its own, so that no more than one block is ever whole. Every rank
+    draws the same values from the same seed.
     """
     import deepspeed
     import torch
+    from torch import nn
+    from transformers import PreTrainedModel
 
-    init = getattr(model, "_init_weights", None)
-    if init is None:
-        return
+    owner = {}
+    for pm in model.modules():  # pre-order: a nested PreTrainedModel overrides its ancestors' claim
+        if isinstance(pm, PreTrainedModel):
+            for m in pm.modules():
+                owner[id(m)] = pm
     with torch.no_grad():
-        for module in model.modules():
-            params = list(module.parameters(recurse=False))
-            if not params:
+        for module in reversed(list(model.modules())):
+            pm = owner.get(id(module))
+            if pm is None or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
                 continue
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                init(module)
+            whole = not any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in module.modules())
+            params = list(module.parameters(recurse=whole))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+                pm._init_weights(module)
 
 
 @validated

@@ -38,6 +38,21 @@ def test_a_model_module_first_imported_inside_zero_init_builds(worker):
     assert report["built"] == "LlamaForCausalLM"
 
 
+def test_the_trainers_zero3_build_ties_embeddings_and_runs_the_models_own_init(worker):
+    """Under zero.Init Hugging Face's init would write into partitioned placeholders: torch.empty weights
+    (fused experts) kept garbage, and Linear kept PyTorch's default. launch.config initialises each module on
+    gathered parameters instead, and leaves the weight tying to Hugging Face."""
+    builds = json.loads((worker / "imports.json").read_text())["trainer_builds"]
+    assert builds["llama_tied"]["tied"] is True
+    assert builds["qwen3_moe"]["tied"] is False
+    for name, build in builds.items():
+        for pname, std in build["std"].items():
+            if pname.endswith("norm.weight"):
+                continue
+            assert 0.015 < std < 0.025, (name, pname, std)  # initializer_range 0.02, bf16 storage
+    assert any(".experts.gate_up_proj" in p for p in builds["qwen3_moe"]["std"])
+
+
 def test_every_causal_lm_class_of_transformers_imports_inside_zero_init(worker):
     report = json.loads((worker / "imports.json").read_text())
     assert report["classes"] > 100

@@ -77,6 +77,35 @@ def battery(t: dict[str, torch.Tensor], layer: torch.nn.Module) -> dict[str, tor
     return out
 
 
+def trainer_builds(ds: dict) -> dict:
+    """The trainer's ZeRO-3 build (launch.config.ModelConfig.build): tied embeddings stay tied, and every
+    weight gets the model's own init (std of a tiny Llama's Linear and of Qwen3-MoE's torch.empty experts)."""
+    import deepspeed
+
+    from launch.config import ModelConfig
+
+    out = {}
+    for name, cfg in {
+        "llama_tied": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "vocab_size": 256, "tie_word_embeddings": True},
+        "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128,
+                      "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                      "vocab_size": 256},
+    }.items():
+        mc = ModelConfig(config=cfg)
+        model = mc.build(mc.hf_config(256), ds)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        stds = {}
+        for pname, p in model.named_parameters():
+            if len(getattr(p, "ds_shape", None) or p.shape) < 2:
+                continue
+            with deepspeed.zero.GatheredParameters([p]):
+                stds[pname] = float(p.float().std()) if torch.isfinite(p.float()).all() else float("nan")
+        out[name] = {"tied": tied, "std": stds}
+    return out
+
+
 def main(out_dir: Path) -> None:
     import deepspeed
     import transformers
@@ -101,7 +130,8 @@ def main(out_dir: Path) -> None:
                 failures[model_type] = f"{class_name}: {type(e).__name__}: {str(e)[:300]}"
         results = battery(fixed, layer)
     (out_dir / "imports.json").write_text(json.dumps(
-        {"built": built, "classes": len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), "failures": failures}))
+        {"built": built, "classes": len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), "failures": failures,
+         "trainer_builds": trainer_builds(ds)}))
     torch.save(results, out_dir / "battery.pt")
 
 
