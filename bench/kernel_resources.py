@@ -110,7 +110,7 @@ def table_source(rows, variants) -> str:
 
     MEASURED[kernel][config][arch] = (shared memory bytes, {variant: spill bytes}): the most shared
     memory any variant needs and the variants that spill, the worst case over the Triton versions. A
-    config that failed to compile counts as not fitting. VARIANTS[kernel]: the variants measured."""
+    config that failed to compile counts as not fitting. VARIANTS[kernel][arch]: the variants measured."""
     from ds_fp4.kernels import aot
 
     measured: dict = {}
@@ -128,12 +128,15 @@ def table_source(rows, variants) -> str:
              "",
              "MEASURED[kernel][config][arch] = (shared memory bytes per block, {variant: register spill bytes}): the",
              "most any variant needs, and the variants that spill, the worst case over the Triton versions.",
-             'VARIANTS[kernel]: every variant measured (ds_fp4.kernels.aot.launcher_variants)."""',
+             'VARIANTS[kernel][arch]: the variants measured (ds_fp4.kernels.aot.launcher_variants)."""',
              "", f"ARCHS = {tuple(aot.ARCHS)}", "VARIANTS = {"]
     for kernel in sorted(variants):
-        lines.append(f"    {kernel!r}: (")
-        lines += [f"        {v!r}," for v in sorted(variants[kernel])]
-        lines.append("    ),")
+        lines.append(f"    {kernel!r}: {{")
+        for arch in sorted(variants[kernel]):
+            lines.append(f"        {arch}: (")
+            lines += [f"            {v!r}," for v in sorted(variants[kernel][arch])]
+            lines.append("        ),")
+        lines.append("    },")
     lines += ["}", "MEASURED: dict = {"]
     for kernel in sorted(measured):
         lines.append(f"    {kernel!r}: {{")
@@ -154,14 +157,14 @@ def table_source(rows, variants) -> str:
 
 
 def measured_variants() -> dict:
-    """kernel -> the variant keys launcher_variants yields, over all archs."""
+    """kernel -> arch -> the variant keys launcher_variants yields there."""
     from ds_fp4.kernels import aot
     from ds_fp4.kernels._launch import variant_key
 
     out: dict = {}
     for arch in aot.ARCHS:
         for name, _fn, flags, _make in aot.launcher_variants(arch):
-            out.setdefault(name, set()).add(variant_key(flags))
+            out.setdefault(name, {}).setdefault(arch, set()).add(variant_key(flags))
     return out
 
 

@@ -198,9 +198,9 @@ def nvfp4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
                                    grad_enabled)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
-    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+    y = y.to(torch.float32) * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(torch.float32)
     # Back to (token, slot) order and a sum over the k slots in fp32: deterministic, unlike index_add_.
-    pairs = y.new_zeros((t * k, hidden), dtype=torch.float32).index_copy(0, order, y.to(torch.float32))
+    pairs = y.new_zeros((t * k, hidden)).index_copy(0, order, y)
     return pairs.view(t, k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 

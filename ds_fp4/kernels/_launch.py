@@ -123,15 +123,16 @@ def fitting_configs(name: str, configs: list, cc: int, smem_limit: int, flags: d
     bytes of shared memory per block: measured (bench/kernel_resources.py, in ds_fp4/kernels/
     _resource_table.py) on the nearest measured architecture to need at most that much in every variant,
     and to spill no register in the variant ``flags`` (in any variant when ``flags`` is None or was
-    never measured). Configs never measured are kept (Triton's autotuner skips one that fails to
-    launch). When every config that fits spills, those are kept with a warning. Raises RuntimeError
-    when no config fits, rather than letting the launch fail."""
+    never measured on that architecture, as FP8_CVT=1 on sm_86/89, which take sm_80's figures).
+    Configs never measured are kept (Triton's autotuner skips one that fails to launch). When every
+    config that fits spills, those are kept with a warning. Raises RuntimeError when no config fits,
+    rather than letting the launch fail."""
     from ._resource_table import MEASURED, VARIANTS
 
     table = MEASURED.get(name, {})
     arch = measured_arch(cc)
     key = variant_key(flags) if flags is not None else None
-    known = key in VARIANTS.get(name, ())
+    known = key in VARIANTS.get(name, {}).get(arch, ())  # else: the worst case over the variants
     fit, spilling = [], []
     for cfg in configs:
         row = table.get(config_key(cfg), {}).get(arch)
