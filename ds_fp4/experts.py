@@ -21,6 +21,7 @@ it and re-quantizes (nearest rounding: bit-identical to forward); nothing derive
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,8 @@ class NVFP4ExpertsFunction(torch.autograd.Function):
         dx = dy.new_empty((dy.shape[0], in_features), dtype=ctx.x_dtype) if want_dx else None
         dw = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=dy.device) if want_dw else None
         db = torch.zeros((len(ctx.counts), dy.shape[1]), dtype=ctx.bias_dtype, device=dy.device) if want_db else None
-        with _gathered(weight) if weight is not None else _nothing():
+        # ZeRO-3: only dgrad needs the weight again (wgrad uses the saved X^T)
+        with _gathered(weight) if weight is not None and want_dx else contextlib.nullcontext():
             start = 0
             for e, n in enumerate(ctx.counts):
                 if n == 0:
@@ -153,14 +155,6 @@ class NVFP4ExpertsFunction(torch.autograd.Function):
                     db[e] = dy_e.to(torch.float32).sum(0).to(ctx.bias_dtype)
                 start += n
         return dx, dw, db, None, None, None, None, None
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _route(top_k_index: torch.Tensor, num_experts: int):

@@ -19,30 +19,11 @@ from ds_fp4.linear import NVFP4LinearFunction
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe")
+from tiny_runs import TINY_MOE, TINY_MOE_COMMON  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-COMMON = {"vocab_size": 256, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "max_position_embeddings": 128}
-# Tiny configs: 8 experts, 2 per token, every expert dim a multiple of 16.
-MODELS = {
-    "qwen3_moe": {"intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_experts": 8,
-                  "num_experts_per_tok": 2, "head_dim": 16},
-    "mixtral": {"intermediate_size": 64, "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2},
-    "deepseek_v3": {"intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 3,
-                    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
-                    "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "q_lora_rank": 32,
-                    "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
-                    "num_key_value_heads": 4},
-    "gpt_oss": {"intermediate_size": 64, "num_hidden_layers": 3, "num_local_experts": 8, "num_experts_per_tok": 2,
-                "head_dim": 16, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-                "sliding_window": 16},
-    # Mamba, attention, MLP and MoE blocks, one mixer each.
-    "nemotron_h": {"intermediate_size": 128, "num_hidden_layers": 4, "hybrid_override_pattern": "M*-E",
-                   "mamba_num_heads": 16, "mamba_head_dim": 8, "ssm_state_size": 16, "n_groups": 2,
-                   "mamba_d_conv": 4, "expand": 2, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                   "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "head_dim": 16,
-                   "n_group": 1, "topk_group": 1},
-}
+COMMON = {**TINY_MOE_COMMON, "vocab_size": 256, "max_position_embeddings": 128}
+MODELS = TINY_MOE
 
 
 def tiny(name: str, **overrides) -> nn.Module:

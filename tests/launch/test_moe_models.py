@@ -12,34 +12,18 @@ import json
 import math
 
 import pytest
+from tiny_runs import TINY_MOE, TINY_MOE_COMMON
 
 from .conftest import run, steps, write_config
 
-MOE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-       "num_experts_per_tok": 2, "tie_word_embeddings": False}
-MODELS = {
-    "qwen3_moe": (3, {"intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 3,
-                      "num_experts": 8, "head_dim": 16}),
-    "mixtral": (2, {"intermediate_size": 64, "num_hidden_layers": 3, "num_local_experts": 8}),
-    "deepseek_v3": (3, {"intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 3,
-                        "n_routed_experts": 8, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2,
-                        "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-                        "qk_rope_head_dim": 16, "v_head_dim": 16, "num_key_value_heads": 4}),
-    "gpt_oss": (2, {"intermediate_size": 64, "num_hidden_layers": 3, "num_local_experts": 8, "head_dim": 16,
-                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-                    "sliding_window": 16}),
-    "nemotron_h": (3, {"intermediate_size": 128, "num_hidden_layers": 4, "hybrid_override_pattern": "M*-E",
-                       "mamba_num_heads": 16, "mamba_head_dim": 8, "ssm_state_size": 16, "n_groups": 2,
-                       "mamba_d_conv": 4, "expand": 2, "n_routed_experts": 8, "moe_intermediate_size": 32,
-                       "moe_shared_expert_intermediate_size": 32, "head_dim": 16, "n_group": 1,
-                       "topk_group": 1}),
-}
+MOE = {**TINY_MOE_COMMON, "max_position_embeddings": 64, "tie_word_embeddings": False}
+STAGE = {"qwen3_moe": 3, "mixtral": 2, "deepseek_v3": 3, "gpt_oss": 2, "nemotron_h": 3}  # each model once
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(TINY_MOE))
 def test_a_tiny_moe_model_trains_on_2_ranks_with_nvfp4_experts(corpus, tmp_path, name):
-    stage, extra = MODELS[name]
-    model = {"config": {"model_type": name, **MOE, **extra}, "init_seed": 0}
+    stage = STAGE[name]
+    model = {"config": {"model_type": name, **MOE, **TINY_MOE[name]}, "init_seed": 0}
     cfg = write_config(tmp_path / "cfg.json", corpus, model=model, zero_optimization={"stage": stage},
                        nvfp4={"keep_first_blocks": 0, "keep_last_blocks": 0},
                        trainer={"max_steps": 16, "save_interval": 0, "warmup_steps": 2})
